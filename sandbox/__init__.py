@@ -1,0 +1,1 @@
+"""Sandboxed worker processes: the pool, the worker itself, and the limits put on it."""

@@ -1,0 +1,94 @@
+"""How a worker is confined beyond rlimits: the ``Limiter`` interface the pool calls.
+
+A ``Limiter`` hands out one ``Placement`` per worker. The pool places the worker right after
+it starts (before any user code runs), asks it before and after each invocation for the
+memory peak and for an out-of-memory kill, and releases it when the worker is gone.
+``NoIsolation`` is the stand-in that enforces nothing beyond rlimits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+
+class Placement(Protocol):
+    def place(self, pid: int) -> None: ...
+
+    def before_invoke(self) -> None: ...
+
+    def peak_memory_mb(self) -> int | None:
+        """Peak memory of the worker's cgroup since ``before_invoke``; None when unknown."""
+        ...
+
+    def cpu_usage_ms(self) -> float | None: ...
+
+    def oom_killed(self) -> bool: ...
+
+    def kill_all(self) -> None:
+        """Kill every process in the worker's cgroup (grandchildren that left the group)."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class Limiter(Protocol):
+    def placement(self, function: str, worker_id: str, settings: Mapping[str, Any]) -> Placement: ...
+
+    def rlimits(self, settings: Mapping[str, Any]) -> dict[str, int]: ...
+
+    def command_prefix(self, settings: Mapping[str, Any]) -> Sequence[str]:
+        """Argv to put before the worker command (e.g. a namespace helper); may be empty."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Which limits are enforced and by what, for ``flowrun status``."""
+        ...
+
+
+class NullPlacement:
+    def place(self, pid: int) -> None:
+        pass
+
+    def before_invoke(self) -> None:
+        pass
+
+    def peak_memory_mb(self) -> int | None:
+        return None
+
+    def cpu_usage_ms(self) -> float | None:
+        return None
+
+    def oom_killed(self) -> bool:
+        return False
+
+    def kill_all(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class NoIsolation:
+    """Only rlimits: open files, core dumps, file size."""
+
+    def placement(self, function: str, worker_id: str, settings: Mapping[str, Any]) -> Placement:
+        return NullPlacement()
+
+    def rlimits(self, settings: Mapping[str, Any]) -> dict[str, int]:
+        from sandbox.limits import rlimits
+
+        return rlimits.defaults()
+
+    def command_prefix(self, settings: Mapping[str, Any]) -> Sequence[str]:
+        return ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "memory": "not enforced (no cgroup)",
+            "cpu": "not enforced (no cgroup)",
+            "pids": "not enforced",
+            "nofile": "rlimit",
+            "core": "rlimit",
+            "fsize": "rlimit",
+        }

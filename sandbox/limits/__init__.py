@@ -1,0 +1,1 @@
+"""Limit mechanisms, one module each: ``rlimits`` (always) and ``cgroups`` (when it can)."""
