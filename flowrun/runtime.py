@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from flowrun import config as config_module
 from flowrun.config import Config, FunctionConfig
+from flowrun.destinations import Destinations
 from flowrun.dispatcher import Dispatcher, new_request_id
 from flowrun.ledger import Ledger
 from flowrun.logs import InvocationLog
@@ -90,6 +91,7 @@ class Runtime:
         self._started = False
         self.api: Any = None
         self.async_queue: Any = None
+        self.destinations = Destinations(self)
 
     # ---------------------------------------------------------------- construction
 
@@ -204,6 +206,7 @@ class Runtime:
             await self.api.stop()
             self.api = None
         await self.pool.close()
+        await self.destinations.close()
         self.ledger.close()
         self.log.close()
 
