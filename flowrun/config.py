@@ -79,7 +79,7 @@ class FunctionConfig(_Model):
     cpus: float | None = Field(None, gt=0, le=64, description="CPU quota; default follows memory")
     pids_max: int = Field(256, ge=8, le=65_536)
     ephemeral_storage_mb: int = Field(512, ge=1, le=10_240)
-    permissions: Permissions = Field(default_factory=Permissions)
+    permissions: Permissions = Permissions()
     retries: int = Field(2, ge=0, le=2, description="asynchronous retries after a function error")
     max_event_age_s: float = Field(21_600, ge=60, le=21_600)
     async_queue_size: int = Field(100_000, ge=1)
@@ -100,8 +100,8 @@ FUNCTION_KEYS = set(FunctionConfig.model_fields) - {"handler"}
 class Config(_Model):
     state_dir: Path = Field(Path(".flowrun"), description="ledger, logs and queues")
     api: ApiConfig | None = None
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    billing: BillingConfig = Field(default_factory=BillingConfig)
+    http: HttpConfig = HttpConfig()
+    billing: BillingConfig = BillingConfig()
     shutdown_grace_s: float = Field(30, ge=0, le=3600)
     defaults: dict[str, Any] = Field(default_factory=dict)
     functions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")], FunctionConfig] = {}
@@ -378,7 +378,7 @@ def json_schema() -> dict[str, Any]:
     schema_model = create_model(
         "FlowrunConfig",
         __base__=Config,
-        triggers=(list[trigger_union], []),  # type: ignore[valid-type]
+        triggers=(list[trigger_union], []),
     )
     schema = schema_model.model_json_schema()
     schema["properties"].pop("source", None)

@@ -80,7 +80,7 @@ class _FrameReader(asyncio.Protocol):
         self.worker = worker
         self.frames = protocol.FrameBuffer()
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         for frame in self.frames.feed(data):
             self.worker._frame(frame)
 

@@ -19,7 +19,7 @@ from sandbox import pool
 DEFAULT_SPIN_US = 200
 
 
-class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class SpinningSelector(selectors.DefaultSelector):
     def __init__(self, spin_us: int = DEFAULT_SPIN_US) -> None:
         super().__init__()
         self.spin_s = spin_us / 1e6
