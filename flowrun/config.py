@@ -14,11 +14,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError
 
 from triggers import registry
@@ -27,6 +29,8 @@ from triggers.base import TriggerConfig
 HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 LISTEN_PATTERN = r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$"
 DEFAULT_CONFIG_NAME = "flowrun.yaml"
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+DESTINATION_PATTERN = r"^(function:[A-Za-z0-9_\-]+|folder:.+|dlq|kafka:.+|mqtt:.+)$"
 
 
 class _Model(BaseModel):
@@ -57,7 +61,7 @@ Destination = Annotated[
     str,
     Field(
         description="function:NAME, folder:PATH, dlq, kafka:TOPIC or mqtt:TOPIC",
-        pattern=r"^(function:[A-Za-z0-9_\-]+|folder:.+|dlq|kafka:.+|mqtt:.+)$",
+        pattern=DESTINATION_PATTERN,
     ),
 ]
 
@@ -104,7 +108,7 @@ class Config(_Model):
     billing: BillingConfig = BillingConfig()
     shutdown_grace_s: float = Field(30, ge=0, le=3600)
     defaults: dict[str, Any] = Field(default_factory=dict)
-    functions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")], FunctionConfig] = {}
+    functions: dict[Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN)], FunctionConfig] = {}
     triggers: list[TriggerConfig] = []
     source: Path | None = Field(None, exclude=True, description="the file this came from")
 
@@ -198,6 +202,21 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 _UNITS = {"_mb": " of MB", "_ms": " of milliseconds", "_s": " of seconds"}
 
+PATTERN_HINTS = {
+    LISTEN_PATTERN: "host:port (like 127.0.0.1:9000)",
+    DESTINATION_PATTERN: "function:NAME, folder:PATH, dlq, kafka:TOPIC or mqtt:TOPIC",
+    FUNCTION_NAME_PATTERN: "a name of letters, digits, '-' and '_' (at most 64)",
+    HANDLER_PATTERN: "module.function (like app.handler)",
+}
+_KINDS = {"string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+          "model_type": "a mapping", "model_attributes_type": "a mapping",
+          "int_type": "a whole number", "int_parsing": "a whole number",
+          "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+          "bool_parsing": "true or false", "none_required": "null"}
+_BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+           "greater_than": ("more than", "gt"), "less_than": ("less than", "lt")}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple", "set"}
+
 
 def _unit(field: str) -> str:
     for suffix, unit in _UNITS.items():
@@ -206,10 +225,57 @@ def _unit(field: str) -> str:
     return ""
 
 
+def _step(tp: Any, part: Any) -> Any:
+    """The type found at ``part`` inside type ``tp`` (a model, dict, list, union), or None."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _step(args[0], part)
+    if origin in (Union, UnionType):
+        for arg in args:
+            found = _step(arg, part)
+            if found is not None:
+                return found
+        return None
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin is list and args and isinstance(part, int):
+        return args[0]
+    return None
+
+
+def _as_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if get_origin(tp) in (Union, UnionType, Annotated):
+        for arg in get_args(tp):
+            model = _as_model(arg)
+            if model is not None:
+                return model
+    return None
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose keys the last element of ``loc`` is one of."""
+    tp: Any = model
+    for part in loc[:-1]:
+        tp = _step(tp, part)
+        if tp is None:
+            return None
+    return _as_model(tp)
+
+
+def valid_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(name for name, field in model.model_fields.items() if field.exclude is not True)
+
+
 def _describe(err: Mapping[str, Any], model: type[BaseModel] | None) -> str:
     kind, loc = err["type"], err["loc"]
-    field = str(loc[-1]) if loc else ""
+    field = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
     got = err.get("input")
+    ctx = err.get("ctx") or {}
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"expected a whole number{_unit(field)}, got {got!r}"
     if kind in ("float_parsing", "float_type"):
@@ -217,27 +283,81 @@ def _describe(err: Mapping[str, Any], model: type[BaseModel] | None) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        valid = sorted(model.model_fields) if model is not None and len(loc) == 1 else None
-        hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+        owner = _model_at(model, loc)
+        hint = f"; valid keys: {', '.join(valid_keys(owner))}" if owner is not None else ""
         return f"unknown key{hint}"
-    if kind == "string_pattern_mismatch" and field == "handler":
-        return f"expected module.function (like app.handler), got {got!r}"
-    ctx = err.get("ctx") or {}
+    if kind == "string_pattern_mismatch":
+        wanted = PATTERN_HINTS.get(str(ctx.get("pattern")))
+        if wanted is not None:
+            return f"expected {wanted}, got {got!r}"
+    if kind in _BOUNDS:
+        words, key = _BOUNDS[kind]
+        return f"expected {words} {ctx.get(key)}{_unit(field)}, got {got!r}"
+    if kind in _KINDS:
+        return f"expected {_KINDS[kind]}, got {got!r}"
     msg = str(err["msg"])
-    if kind.startswith(("greater", "less")):
-        return f"{msg[0].lower()}{msg[1:]}{_unit(field)}, got {got!r}"
     if "expected" in ctx:
         return f"expected {ctx['expected']}, got {got!r}"
     return f"{msg[0].lower()}{msg[1:]}, got {got!r}" if got is not None else msg
 
 
+def _real_loc(loc: tuple[Any, ...], data: Any) -> tuple[tuple[Any, ...], int | None]:
+    """``loc`` without pydantic's union-member tags, and where the first tag was (or None).
+
+    A part is a tag when the data has no such key there and it looks like one
+    (``constrained-str``, ``list[str]``, ``function-after[...]``, ``[key]``, ``str``).
+    """
+    out: list[Any] = []
+    tag_at: int | None = None
+    node = data
+    for part in loc:
+        present = (isinstance(node, Mapping) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node))
+        if present:
+            out.append(part)
+            node = node[part]
+            continue
+        if isinstance(part, str) and (any(c in part for c in "[]-") or part in _TYPE_TAGS):
+            tag_at = len(out) if tag_at is None else tag_at
+            continue
+        out.append(part)
+        node = None
+    return tuple(out), tag_at
+
+
 def _issues_from(exc: ValidationError, file: str, root: Any, prefix: tuple[Any, ...],
                  model: type[BaseModel] | None) -> list[ConfigIssue]:
-    issues = []
+    data = root
+    for part in prefix:
+        data = data[part] if data is not None else None
+    unions: dict[tuple[Any, ...], list[tuple[tuple[Any, ...], Mapping[str, Any]]]] = {}
+    plain: list[tuple[tuple[Any, ...], Mapping[str, Any]]] = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc, tag_at = _real_loc(tuple(err["loc"]), data)
+        if tag_at is None:
+            plain.append((loc, err))
+        else:
+            unions.setdefault(loc[:tag_at], []).append((loc, err))
+    chosen = list(plain)
+    for field_loc, members in unions.items():
+        specific = [m for m in members if not str(m[1]["type"]).endswith("_type")]
+        if specific:
+            chosen.append(max(specific, key=lambda m: len(m[0])))
+            continue
+        kinds = sorted({_KINDS.get(str(m[1]["type"]), str(m[1]["type"])) for m in members})
+        got = members[0][1].get("input")
+        chosen.append((field_loc, {"type": "union", "loc": field_loc, "input": got,
+                                   "msg": f"expected {' or '.join(kinds)}, got {got!r}"}))
+    issues = []
+    seen: set[tuple[str, str]] = set()
+    for loc, detail in chosen:
         path = (*prefix, *loc)
-        issues.append(ConfigIssue(file, line_of(root, path), _dotted(path), _describe(err, model)))
+        message = (str(detail["msg"]) if detail["type"] == "union"
+                   else _describe({**detail, "loc": loc}, model))
+        if (_dotted(path), message) in seen:
+            continue
+        seen.add((_dotted(path), message))
+        issues.append(ConfigIssue(file, line_of(root, path), _dotted(path), message))
     return issues
 
 
@@ -250,7 +370,11 @@ def _plain(node: Any) -> Any:
 
 
 def _with_defaults(raw: dict[str, Any], file: str, root: Any, issues: list[ConfigIssue]) -> None:
-    """Fold ``defaults`` into every function that does not set the key itself."""
+    """Fold ``defaults`` into every function that does not set the key itself.
+
+    Mappings (``environment``, ``permissions``) are merged key by key, the function's own
+    entries winning.
+    """
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         issues.append(ConfigIssue(file, line_of(root, ("defaults",)), "defaults",
@@ -266,8 +390,16 @@ def _with_defaults(raw: dict[str, Any], file: str, root: Any, issues: list[Confi
         for fn in functions.values():
             if isinstance(fn, dict):
                 for key, value in defaults.items():
-                    if key in FUNCTION_KEYS:
+                    if key not in FUNCTION_KEYS:
+                        continue
+                    if isinstance(value, dict) and isinstance(fn.get(key), dict):
+                        fn[key] = {**value, **fn[key]}  # environment, permissions: merged
+                    else:
                         fn.setdefault(key, value)
+
+
+def _in_file_order(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    return sorted(issues, key=lambda issue: issue.line or 0)
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -315,6 +447,52 @@ def _triggers(raw_list: Any, file: str, root: Any, functions: Mapping[str, Any],
     return out
 
 
+_DUPLICATE = re.compile(r'found duplicate key "(.*?)" with value')
+
+
+def _find_mapping(node: Any, line: int, column: int, path: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Key path of the mapping that starts at ``line``/``column`` (0-based) in a YAML tree."""
+    if isinstance(node, CommentedMap):
+        if (node.lc.line, node.lc.col) == (line, column):
+            return path
+        items: Any = node.items()
+    elif isinstance(node, CommentedSeq):
+        items = enumerate(node)
+    else:
+        return None
+    for key, value in items:
+        found = _find_mapping(value, line, column, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _duplicate_key_issue(exc: DuplicateKeyError, text: str, file: str) -> ConfigIssue:
+    """Name the duplicated key's path, its line and the line it was first defined on."""
+    mark, context = exc.problem_mark, exc.context_mark
+    line = mark.line + 1 if mark is not None else None
+    match = _DUPLICATE.search(exc.problem or "")
+    key = match.group(1) if match else "?"
+    path: tuple[Any, ...] = (key,)
+    first = ""
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = True
+    try:
+        tree = yaml.load(text)
+        found = _find_mapping(tree, context.line, context.column, ()) if context else None
+    except Exception:  # the duplicate was the first problem; others are reported next time
+        found = None
+    if found is not None:
+        path = (*found, key)
+        mapping = tree
+        for part in found:
+            mapping = mapping[part]
+        if key in mapping:
+            first = f" (first on line {mapping.lc.key(key)[0] + 1})"
+    return ConfigIssue(file, line, _dotted(path),
+                       f"duplicate key; a key may appear only once in a mapping{first}")
+
+
 def parse(text: str, file: str = "<string>", environ: Mapping[str, str] | None = None,
           base_dir: Path | None = None) -> Config:
     """Parse and validate configuration text; raises ConfigError with every issue found."""
@@ -322,13 +500,15 @@ def parse(text: str, file: str = "<string>", environ: Mapping[str, str] | None =
     yaml.allow_duplicate_keys = False
     try:
         root = yaml.load(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError([_duplicate_key_issue(exc, text, file)]) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = (exc.problem or str(exc)).strip()
-        if "duplicate key" in str(exc):
-            problem = "duplicate key " + (problem.split("duplicate key")[-1].strip() or "")
-        raise ConfigError([ConfigIssue(file, line, "", problem)]) from None
+        if exc.context and exc.problem:
+            problem = f"{problem} ({exc.context.strip()})"
+        raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {problem}")]) from None
     if root is None:
         root = CommentedMap()
     if not isinstance(root, dict):
@@ -344,10 +524,10 @@ def parse(text: str, file: str = "<string>", environ: Mapping[str, str] | None =
         issues.extend(_issues_from(exc, file, root, (), Config))
         functions = raw.get("functions") if isinstance(raw.get("functions"), dict) else {}
         _triggers(raw_triggers, file, root, functions or {}, issues)
-        raise ConfigError(issues) from None
+        raise ConfigError(_in_file_order(issues)) from None
     triggers = _triggers(raw_triggers, file, root, config.functions, issues)
     if issues:
-        raise ConfigError(issues)
+        raise ConfigError(_in_file_order(issues))
     config = config.model_copy(update={"triggers": triggers})
     return _resolve_paths(config, base_dir or Path.cwd())
 
@@ -367,13 +547,21 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the configuration, with every trigger adapter that imports."""
+    """The JSON Schema of the configuration, with every trigger adapter that imports.
+
+    Each adapter's definition pins ``type`` to the adapter's name, so an editor picks the
+    right set of keys for each ``triggers:`` item.
+    """
     models: list[type[TriggerConfig]] = []
+    names: dict[str, str] = {}
     for name in registry.available():
         try:
-            models.append(registry.load(name).config_model)
+            model = registry.load(name).config_model
         except (ImportError, LookupError):
             continue
+        if model not in models:
+            models.append(model)
+            names[model.__name__] = name
     trigger_union: Any = Union[tuple(models)] if models else TriggerConfig  # noqa: UP007
     schema_model = create_model(
         "FlowrunConfig",
@@ -382,6 +570,10 @@ def json_schema() -> dict[str, Any]:
     )
     schema = schema_model.model_json_schema()
     schema["properties"].pop("source", None)
+    for title, name in names.items():
+        properties = schema.get("$defs", {}).get(title, {}).get("properties", {})
+        if "type" in properties:
+            properties["type"] = {**properties["type"], "const": name}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "flowrun configuration"
     return schema
