@@ -73,9 +73,9 @@ def summarize(rows: Iterable[LedgerRow], billing: BillingConfig) -> list[Functio
             p95_ms=round(percentile(durations, 95), 3),
             max_ms=round(durations[-1], 3) if durations else 0.0,
             billed_ms=billed,
-            gb_seconds=round(gb_s, 9),
+            gb_seconds=round(gb_s, 12),
             cpu_ms=round(sum(r.cpu_user_ms + r.cpu_system_ms for r in ran), 3),
-            cost_usd=round(cost, 10),
+            cost_usd=round(cost, 15),  # a request costs $0.0000002
         ))
     return out
 
