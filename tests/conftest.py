@@ -12,6 +12,8 @@ import pytest
 from flowrun import config as config_module
 from flowrun.runtime import Runtime
 
+pytest_plugins = ["tests.brokers.mqtt"]
+
 FUNCTIONS = Path(__file__).parent / "functions"
 
 
