@@ -82,9 +82,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     kinds: dict[str, int] = {}
     for trigger in config.triggers:
         kinds[trigger.type] = kinds.get(trigger.type, 0) + 1
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no"
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
     print(f"{_config_path(args)}: ok — {len(config.functions)} functions, "
-          f"{len(config.triggers)} triggers ({summary})")
+          f"{len(config.triggers)} triggers" + (f" ({summary})" if summary else ""))
     return 0
 
 
