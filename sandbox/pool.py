@@ -433,3 +433,6 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(p.close() for p in self.pools.values()))
+        loop = asyncio.get_running_loop()  # reap killed workers (e.g. timed out) before leaving
+        await asyncio.gather(*(t for t in list(_reapers) if t.get_loop() is loop),
+                             return_exceptions=True)
