@@ -329,10 +329,12 @@ class HttpServer:
     def listening(self) -> bool:
         return self._runner is not None
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Listen, unless already listening; True when this call started it."""
         async with self._lock:
             if self._runner is not None:
-                return
+                return False
+            self.closing = False
             app = web.Application(client_max_size=DRAIN_CAP_BYTES)
             app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
             runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -347,6 +349,7 @@ class HttpServer:
                 raise
             self._runner = runner
             log.info("http triggers listening on http://%s", self.settings.listen)
+            return True
 
     async def close(self) -> None:
         """Refuse new requests, let those in flight finish, close the socket."""
@@ -482,14 +485,9 @@ def add_cors_headers(cors: CorsConfig, request: web.Request, response: web.Respo
 
 
 def shared_server(host: TriggerHost) -> HttpServer:
-    """The runtime's one HTTP server, closed when the runtime stops."""
+    """The runtime's one HTTP server; the trigger that starts it has it closed on stop."""
 
-    def factory() -> HttpServer:
-        server = HttpServer(host, _settings(host))
-        host.on_stop(server.close)
-        return server
-
-    return host.shared("http-server", factory)
+    return host.shared("http-server", lambda: HttpServer(host, _settings(host)))
 
 
 # ------------------------------------------------------------------------- the trigger
@@ -513,8 +511,9 @@ class HttpTrigger(Trigger):
         server = shared_server(self.host)
         server.router.add(self.route)
         self.route.active = True
-        await server.start()
         self.server = server
+        if await server.start():
+            self.host.on_stop(server.close)
 
     async def stop(self) -> None:
         self.route.active = False

@@ -227,3 +227,15 @@ async def test_status_and_healthz_describe_the_running_daemon(api: Api) -> None:
 ])
 def test_function_names_parse_like_lambdas(given: str, expected: tuple[str, str | None]) -> None:
     assert parse_function_name(given) == expected
+
+
+async def test_two_runtimes_in_one_process_keep_their_own_metrics(
+        api: Api, make_runtime: Callable[..., Any]) -> None:
+    port = free_port()
+    await make_runtime(YAML.format(port=port).replace("state_dir: state", "state_dir: other"))
+    await api.invoke(FunctionName="tagged", Payload=b"{}")
+    other = Api(api.runtime, f"http://127.0.0.1:{port}", None)
+    _, _, mine = await api.get("/metrics")
+    _, _, theirs = await other.get("/metrics")
+    assert 'flowrun_invocations_total{function="tagged"} 1.0' in mine.splitlines()
+    assert 'flowrun_invocations_total{function="tagged"} 0.0' in theirs.splitlines()
