@@ -134,9 +134,14 @@ async def _invoke_locally(config: Config, name: str, payload: bytes, async_: boo
     from flowrun.runtime import Runtime
     from flowrun.types import FlowrunError
 
-    print("flowrun: no daemon answering; invoking in this process", file=sys.stderr)
+    if async_:
+        print(f"flowrun: no daemon answering; queueing in {config.state_dir} for the next "
+              "'flowrun run'", file=sys.stderr)
+    else:
+        print("flowrun: no daemon answering; invoking in this process", file=sys.stderr)
     try:
-        async with Runtime(config, start_triggers=False, serve_api=False) as runtime:
+        async with Runtime(config, start_triggers=False, serve_api=False,
+                           run_queue=False) as runtime:
             result = await runtime.invoke_json(name, payload, mode="event" if async_ else "sync",
                                                source="cli")
     except FlowrunError as exc:

@@ -87,6 +87,9 @@ class FunctionConfig(_Model):
     retries: int = Field(2, ge=0, le=2, description="asynchronous retries after a function error")
     max_event_age_s: float = Field(21_600, ge=60, le=21_600)
     async_queue_size: int = Field(100_000, ge=1)
+    retry_backoff_s: list[Annotated[float, Field(ge=0, le=21_600)]] = Field(
+        default_factory=lambda: [60.0, 120.0], min_length=1,
+        description="wait before each asynchronous retry (the last one repeats)")
     on_success: Destination | list[Destination] | None = None
     on_failure: Destination | list[Destination] | None = None
 
@@ -493,6 +496,22 @@ def _duplicate_key_issue(exc: DuplicateKeyError, text: str, file: str) -> Config
                        f"duplicate key; a key may appear only once in a mapping{first}")
 
 
+def _destination_issues(config: Config, file: str, root: Any) -> list[ConfigIssue]:
+    """``function:NAME`` destinations must name a defined function."""
+    issues = []
+    for name, fn in config.functions.items():
+        for key in ("on_success", "on_failure"):
+            value = getattr(fn, key)
+            for i, target in enumerate([value] if isinstance(value, str) else value or []):
+                if target.startswith("function:") and target[9:] not in config.functions:
+                    path = ("functions", name, key) + (() if isinstance(value, str) else (i,))
+                    issues.append(ConfigIssue(
+                        file, line_of(root, path), _dotted(path),
+                        f"no function named {target[9:]!r}; defined: "
+                        f"{', '.join(sorted(config.functions))}"))
+    return issues
+
+
 def parse(text: str, file: str = "<string>", environ: Mapping[str, str] | None = None,
           base_dir: Path | None = None) -> Config:
     """Parse and validate configuration text; raises ConfigError with every issue found."""
@@ -526,6 +545,7 @@ def parse(text: str, file: str = "<string>", environ: Mapping[str, str] | None =
         _triggers(raw_triggers, file, root, functions or {}, issues)
         raise ConfigError(_in_file_order(issues)) from None
     triggers = _triggers(raw_triggers, file, root, config.functions, issues)
+    issues.extend(_destination_issues(config, file, root))
     if issues:
         raise ConfigError(_in_file_order(issues))
     config = config.model_copy(update={"triggers": triggers})

@@ -72,9 +72,69 @@ class FolderDestination:
         pass
 
 
-def __getattr__(name: str) -> Any:
-    # FunctionDestination and DeadLetterDestination come with the durable queue.
-    raise AttributeError(name)
+def _function_of(context: dict[str, Any]) -> str:
+    """The function name in a record's ``functionArn`` (``...:function:NAME:$LATEST``)."""
+    return str(context.get("functionArn", "")).split(":function:")[-1].split(":")[0]
+
+
+class FunctionDestination:
+    """Queue the record as the event of another function (a pipeline's next step).
+
+    The next invocation's request id is derived from the record's, so a step that runs again
+    after a crash hands its successor the same request id (idempotent handlers stay so).
+    The queue's bound does not apply: a finished step's result is never throttled away.
+    """
+
+    def __init__(self, target: str, host: DestinationHost) -> None:
+        self.function = target
+        self.host = host
+
+    async def send(self, record: dict[str, Any]) -> None:
+        from flowrun.queue import derived_request_id
+
+        queue = getattr(self.host, "async_queue", None)
+        if queue is None:
+            raise RuntimeError(f"function:{self.function} needs the durable queue")
+        context = record.get("requestContext") or {}
+        request_id = derived_request_id(str(context.get("requestId") or uuid.uuid4()),
+                                        f"function:{self.function}")
+        await queue.enqueue(self.function, json.dumps(record),
+                            source=f"function:{_function_of(context)}", request_id=request_id,
+                            bounded=False)
+
+    async def close(self) -> None:
+        pass
+
+
+class DeadLetterDestination:
+    """Keep the record in the dead-letter store (``flowrun dlq``).
+
+    The queue writes its own failures to the store directly, with every attempt's error; this
+    class is for records that arrive from elsewhere.
+    """
+
+    def __init__(self, target: str, host: DestinationHost) -> None:
+        self.host = host
+
+    async def send(self, record: dict[str, Any]) -> None:
+        from flowrun import dlq
+
+        context = record.get("requestContext") or {}
+        function = _function_of(context)
+        response = record.get("responsePayload")
+        errors = [response] if context.get("condition") != "Success" and response else []
+        db = dlq.open_store(self.host.state_dir)
+        try:
+            dlq.add(db, request_id=str(context.get("requestId") or uuid.uuid4()),
+                    function=function, event_json=json.dumps(record.get("requestPayload")),
+                    source="destination", condition=str(context.get("condition", "Success")),
+                    attempts=int(context.get("approximateInvokeCount") or 0), errors=errors,
+                    enqueued_at=time.time(), failed_at=time.time(), record=record)
+        finally:
+            db.close()
+
+    async def close(self) -> None:
+        pass
 
 
 class Destinations:

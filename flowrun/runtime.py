@@ -22,11 +22,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from flowrun import config as config_module
+from flowrun import pipeline
 from flowrun.config import Config, FunctionConfig
 from flowrun.destinations import Destinations
 from flowrun.dispatcher import Dispatcher, new_request_id
 from flowrun.ledger import Ledger
 from flowrun.logs import InvocationLog
+from flowrun.queue import AsyncQueue
 from flowrun.types import (
     FlowrunError,
     InvocationMode,
@@ -74,11 +76,13 @@ class Runtime:
     """One flowrun instance. Use ``async with`` or ``start()`` / ``stop()``."""
 
     def __init__(self, config: Config, *, limiter: Limiter | None = None,
-                 start_triggers: bool = True, serve_api: bool = True) -> None:
+                 start_triggers: bool = True, serve_api: bool = True,
+                 run_queue: bool = True) -> None:
         self.config = config
         self.limiter = limiter
         self.start_triggers = start_triggers
         self.serve_api = serve_api
+        self.run_queue = run_queue  # False: queue async work durably for the daemon to run
         self.pool = WorkerPool(limiter)
         self.dispatcher = Dispatcher(config.functions, self.pool, config.billing)
         self.ledger = Ledger(self.state_dir / "ledger.db")
@@ -144,6 +148,8 @@ class Runtime:
             self.pool.add(self._spec(name, fn))
         self.pool.start()
         try:
+            self.async_queue = AsyncQueue(self, dispatch=self.run_queue)
+            await self.async_queue.start()
             if self.serve_api and self.config.api is not None:
                 from flowrun.api import ManagementApi
 
@@ -273,6 +279,8 @@ class Runtime:
                 "waiting": gate.waiting, "throttles": self.dispatcher.throttles[name],
                 "concurrency": gate.limit, "memory_mb": self.config.functions[name].memory_mb,
             }
+            if self.async_queue is not None:
+                functions[name].update(self.async_queue.status_fields(name))
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0,
@@ -280,6 +288,7 @@ class Runtime:
             "state_dir": str(self.state_dir),
             "limits": self.pool.limiter.describe(),
             "functions": functions,
+            "pipelines": pipeline.describe(self.config, functions),
             "triggers": [{"name": t.name, "type": t.config.type, "function": t.config.function,
                           **t.status()} for t in self.triggers],
         }
