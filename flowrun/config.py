@@ -446,6 +446,10 @@ def _triggers(raw_list: Any, file: str, root: Any, functions: Mapping[str, Any],
                                       f"{_dotted(where)}.function",
                                       f"no function named {trigger.function!r}; defined: {defined}"))
             continue
+        check = getattr(registry.load(str(item["type"])), "check", None)  # needs the function too
+        if check is not None and isinstance(functions[trigger.function], FunctionConfig):
+            issues.extend(ConfigIssue(file, line_of(root, where), _dotted(where), message)
+                          for message in check(trigger, functions[trigger.function]))
         out.append(trigger)
     return out
 

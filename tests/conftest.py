@@ -12,7 +12,7 @@ import pytest
 from flowrun import config as config_module
 from flowrun.runtime import Runtime
 
-pytest_plugins = ["tests.brokers.mqtt"]
+pytest_plugins = ["tests.brokers.mqtt", "tests.brokers.kafka"]
 
 FUNCTIONS = Path(__file__).parent / "functions"
 

