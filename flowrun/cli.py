@@ -211,6 +211,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         from sandbox.limits import detect
 
         status["limits"] = detect.describe_host()
+        from flowrun import pipeline, queue
+
+        status["queues"] = queue.pending_counts(config.state_dir)
+        status["pipelines"] = pipeline.describe(config, status["queues"])
     else:
         status = {"running": True, **json.loads(answer[2])}
     if args.json:
@@ -239,9 +243,13 @@ def _print_status(status: dict[str, Any]) -> None:
     for trigger in status.get("triggers") or []:
         details = " ".join(f"{k}={v}" for k, v in trigger.items() if k not in ("name",))
         print(f"  trigger {trigger['name']}: {details}")
+    from flowrun.pipeline import render
+
+    for line in render(status.get("pipelines") or []):
+        print(line)
     for key, value in status.items():
         if key not in ("running", "pid", "uptime_s", "state_dir", "limits", "functions",
-                       "triggers", "config"):
+                       "triggers", "config", "pipelines"):
             print(f"{key}: {json.dumps(value)}")
 
 
@@ -293,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", "what the daemon runs, which limits are enforced, trigger states")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+    from flowrun import dlq
+
+    dlq.add_commands(command("dlq", "dead letters: list, show, redrive, purge"))
     return parser
 
 

@@ -14,6 +14,7 @@ rows up within a fraction of a second (or at its next start).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 import sys
@@ -175,27 +176,34 @@ def purge(db: sqlite3.Connection, function: str | None = None) -> int:
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """The ``flowrun dlq`` subcommands, added under ``parser``."""
     sub = parser.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    p = sub.add_parser("list", help="dead letters, oldest first")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # also after the action (flowrun dlq list -c x.yaml); SUPPRESS keeps an earlier -c
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                       help="config file (default ./flowrun.yaml)")
+        return p
+
+    p = action("list", "dead letters, oldest first")
     p.add_argument("function", nargs="?", help="only this function")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("show", help="one dead letter: event, every attempt's error, timestamps")
+    p = action("show", "one dead letter: event, every attempt's error, timestamps")
     p.add_argument("ident", metavar="ID", help="dead-letter id or request id")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("redrive", help="queue dead letters again (all, one function's, or one)")
+    p = action("redrive", "queue dead letters again (all, one function's, or one)")
     p.add_argument("target", nargs="?", metavar="FUNCTION|ID")
     p.set_defaults(func=cmd_redrive)
-    p = sub.add_parser("purge", help="delete dead letters")
+    p = action("purge", "delete dead letters")
     p.add_argument("--function", dest="only", help="only this function's")
     p.set_defaults(func=cmd_purge)
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, sqlite3.Connection]:
+def _open(args: argparse.Namespace) -> tuple[Any, contextlib.closing[sqlite3.Connection]]:
     from flowrun import config as config_module
-    from flowrun import queue
 
     config = config_module.load(str(args.config or config_module.DEFAULT_CONFIG_NAME))
-    return config, queue.connect(config.state_dir / queue.DB_NAME)
+    return config, contextlib.closing(open_store(config.state_dir))
 
 
 def _summary(letter: DeadLetter) -> str:
@@ -206,8 +214,8 @@ def _summary(letter: DeadLetter) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _, db = _open(args)
-    with db:
+    _, store = _open(args)
+    with store as db:
         found = letters(db, args.function)
     if args.json:
         for letter in found:
@@ -224,8 +232,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _, db = _open(args)
-    with db:
+    _, store = _open(args)
+    with store as db:
         letter = find(db, args.ident)
     if letter is None:
         print(f"flowrun dlq: no dead letter {args.ident!r}", file=sys.stderr)
@@ -235,8 +243,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    config, db = _open(args)
-    with db:
+    config, store = _open(args)
+    with store as db:
         target = args.target
         if target is None:
             selected = letters(db)
@@ -261,8 +269,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    _, db = _open(args)
-    with db:
+    _, store = _open(args)
+    with store as db:
         removed = purge(db, args.only)
     print(f"flowrun dlq: {removed} dead letter{'s' if removed != 1 else ''} purged")
     return 0

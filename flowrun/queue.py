@@ -132,11 +132,18 @@ class Item:
     next_attempt_at: float
     errors: list[dict[str, Any]] = field(default_factory=list)
 
+    def _this_round(self) -> list[dict[str, Any]]:
+        """Errors since the last redrive (earlier ones are history, not used-up retries)."""
+        for i in range(len(self.errors) - 1, -1, -1):
+            if self.errors[i].get("kind") == "redrive":
+                return self.errors[i + 1:]
+        return self.errors
+
     def function_errors(self) -> int:
-        return sum(1 for e in self.errors if e.get("kind") == "function")
+        return sum(1 for e in self._this_round() if e.get("kind") == "function")
 
     def system_errors(self) -> int:
-        return sum(1 for e in self.errors if e.get("kind") in ("throttle", "system"))
+        return sum(1 for e in self._this_round() if e.get("kind") in ("throttle", "system"))
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Item:
@@ -378,7 +385,7 @@ class AsyncQueue:
             item.errors.append({"kind": "system", "at": dlq.iso(now),
                                 "errorType": "ResourceNotFoundException",
                                 "errorMessage": f"Function not found: {item.function}"})
-            self.journal.add(self._dead_letter_op(item, "RetriesExhausted", None, now))
+            self._dead_letter(item, "RetriesExhausted", None, now)
         if interrupted:
             log.warning("running %d invocations again that were in flight when flowrun "
                         "last stopped", len(interrupted))
@@ -599,8 +606,7 @@ class AsyncQueue:
         targets = destination_list(fn.on_failure) or ["dlq"]
         record = self.record(item, condition, result)
         if targets == ["dlq"]:
-            self.journal.add(self._dead_letter_op(item, condition, record, now))
-            self.lanes[item.function].dead_letters += 1
+            self._dead_letter(item, condition, record, now)
             return
         await self._deliver(item, targets, record, result)
         self._delete(item)
@@ -610,9 +616,8 @@ class AsyncQueue:
         """Send the record to every target; a target that fails gets a dead letter instead."""
         for target in targets:
             if target == "dlq":
-                self.journal.add(self._dead_letter_op(item, record["requestContext"]["condition"],
-                                                      record, self.clock(), keep_row=True))
-                self.lanes[item.function].dead_letters += 1
+                self._dead_letter(item, record["requestContext"]["condition"], record,
+                                  self.clock(), keep_row=True)
                 continue
             try:
                 await self.runtime.destinations.send(target, record)
@@ -624,18 +629,22 @@ class AsyncQueue:
                 letter = Item(item.row_id, item.request_id, item.function, item.event_json,
                               item.source, item.attempts, item.enqueued_at,
                               item.next_attempt_at, [*item.errors, entry])
-                self.journal.add(self._dead_letter_op(
-                    letter, record["requestContext"]["condition"], record, self.clock(),
-                    keep_row=True))
-                self.lanes[item.function].dead_letters += 1
+                self._dead_letter(letter, record["requestContext"]["condition"], record,
+                                  self.clock(), keep_row=True)
 
     def _delete(self, item: Item) -> None:
         row_id = item.row_id
         self.journal.add(lambda db: db.execute("DELETE FROM queue WHERE id = ?", (row_id,)))
 
-    def _dead_letter_op(self, item: Item, condition: str, record: dict[str, Any] | None,
-                        now: float, keep_row: bool = False) -> Op:
+    def _dead_letter(self, item: Item, condition: str, record: dict[str, Any] | None,
+                     now: float, keep_row: bool = False) -> None:
+        """Move (or, with ``keep_row``, copy) the invocation into the dead-letter store."""
         errors = list(item.errors)
+        lane = self.lanes.get(item.function)
+
+        def counted(ok: bool) -> None:
+            if ok and lane is not None:
+                lane.dead_letters += 1
 
         def op(db: sqlite3.Connection) -> None:
             dlq.add(db, request_id=item.request_id, function=item.function,
@@ -645,7 +654,7 @@ class AsyncQueue:
             if not keep_row:
                 db.execute("DELETE FROM queue WHERE id = ?", (item.row_id,))
 
-        return op
+        self.journal.add(op, counted)
 
     def record(self, item: Item, condition: Condition,
                result: InvocationResult | None) -> dict[str, Any]:
@@ -690,7 +699,7 @@ class AsyncQueue:
                 if item.function in self.lanes:
                     self.lanes[item.function].push(item, now)
                 else:
-                    self.journal.add(self._dead_letter_op(item, "RetriesExhausted", None, now))
+                    self._dead_letter(item, "RetriesExhausted", None, now)
             for name, lane in self.lanes.items():
                 lane.dead_letters = letters.get(name, 0)
 
@@ -757,9 +766,9 @@ def pending_counts(state_dir: Path) -> dict[str, dict[str, int]]:
     try:
         out: dict[str, dict[str, int]] = {}
         for name, count in db.execute("SELECT function, count(*) FROM queue GROUP BY function"):
-            out.setdefault(name, {"queued": 0, "dead_letters": 0})["queued"] = count
+            out.setdefault(name, {"async_queued": 0, "dead_letters": 0})["async_queued"] = count
         for name, count in dlq.counts(db).items():
-            out.setdefault(name, {"queued": 0, "dead_letters": 0})["dead_letters"] = count
+            out.setdefault(name, {"async_queued": 0, "dead_letters": 0})["dead_letters"] = count
         return out
     finally:
         db.close()
