@@ -11,7 +11,7 @@ from paths import from_config
 
 
 def handler(event, context):
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
     scheduled = (event or {}).get("time", "")
     target = from_config(os.environ.get("HEARTBEAT_FILE", "data/heartbeat.log"))
     target.parent.mkdir(parents=True, exist_ok=True)
