@@ -115,17 +115,29 @@ class CronSchedule(Schedule):
     years: frozenset[int] | None = None
 
     def next_after(self, after: datetime) -> datetime | None:
+        # Away from a clock change wall times map onto instants in order, so the first match
+        # after ``after`` is the answer. Near one, a later wall time can be an earlier instant
+        # (the second 02:00 of a fall-back night comes before 02:30 of the first), so the search
+        # starts and ends MAX_SHIFT of wall time further out.
         after = after.astimezone(UTC)
-        start = _naive_local(after, self.tz) - MAX_SHIFT
+        start = _naive_local(after, self.tz)
+        if self._near_change(after):
+            start -= MAX_SHIFT
         best: datetime | None = None
         best_wall: datetime | None = None
         for wall in self._walls(start):
-            if best_wall is not None and wall > best_wall + MAX_SHIFT:
+            if best is not None and best_wall is not None and (
+                    wall > best_wall + MAX_SHIFT or not self._near_change(best)):
                 break
             for instant in self._instants(wall):
                 if instant > after and (best is None or instant < best):
                     best, best_wall = instant, wall
         return best
+
+    def _near_change(self, instant: datetime) -> bool:
+        """True if the zone's UTC offset changes within MAX_SHIFT of ``instant``."""
+        return (instant - MAX_SHIFT).astimezone(self.tz).utcoffset() != \
+            (instant + MAX_SHIFT).astimezone(self.tz).utcoffset()
 
     def _walls(self, start: datetime) -> Iterator[datetime]:
         """Naive wall-clock times matching the expression, ascending, after ``start``."""

@@ -264,6 +264,7 @@ functions:
   tick:
     handler: cron_handlers.{handler}
     code: {{functions}}
+    permissions: {{user: root}}  # the handler writes into the test's private folder
     environment:
       RECORD_FILE: {record_file}
       SLOW_S: "3"
