@@ -584,8 +584,8 @@ class CronTrigger(Trigger):
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.exception("%s: invocation for %s failed", self.name, scheduled_time(scheduled))
             return
-        self.last_status = result.status
-        if result.status not in ("success", "queued"):
+        self.last_status = "queued" if result.extra.get("accepted") else result.status
+        if result.status != "success":
             self.errors += 1
             self.last_error = f"{result.error_type}: {result.error_message}"
 

@@ -398,6 +398,21 @@ triggers:
     assert status["last_error"] == "ValueError: something went wrong"
 
 
+async def test_event_invocation_goes_through_the_durable_queue(
+        make_runtime: Any, fake_clock: Callable[[datetime], FakeClock], tmp_path: Path) -> None:
+    clock = fake_clock(utc(2026, 1, 1))
+    events = tmp_path / "events.jsonl"
+    runtime = await make_runtime(cron_yaml(events, """\
+        schedule: "*/5 * * * *"
+        invocation: event
+    """))
+    await clock.jump_to_next()
+    await wait_until(lambda: len(recorded(events)) == 1)
+    assert recorded(events)[0]["time"] == "2026-01-01T00:05:00Z"
+    status = runtime.triggers[0].status()
+    assert (status["last_status"], status["fallbacks"], status["errors"]) == ("queued", 0, 0)
+
+
 class QueuelessHost:
     """The real runtime as host, as it is before the durable queue exists."""
 
