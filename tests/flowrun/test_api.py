@@ -14,7 +14,6 @@ import aiohttp
 import boto3
 import pytest
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import ClientError
 
 from flowrun.api import function_arn, parse_function_name
 from flowrun.runtime import Runtime
@@ -172,17 +171,17 @@ async def test_dry_run_answers_204_without_invoking(api: Api) -> None:
     assert api.runtime.pool.pools["tagged"].statistics().invocations == 0
 
 
-async def test_an_event_invocation_is_accepted_with_202_or_named_as_a_service_error(
-        api: Api) -> None:
-    """202 once the durable queue is there; until then a ServiceException, never a hang."""
-    try:
-        response = await api.invoke(FunctionName="tagged", InvocationType="Event", Payload=b"{}")
-    except ClientError as exc:
-        assert api.runtime.async_queue is None
-        assert exc.response["Error"]["Code"] == "ServiceException"
-        assert "durable queue" in exc.response["Error"]["Message"]
-    else:
-        assert response["StatusCode"] == 202
+async def test_an_event_invocation_is_queued_with_202_and_then_run(api: Api) -> None:
+    response = await api.invoke(FunctionName="tagged", InvocationType="Event",
+                                Payload=b'{"queued": true}')
+    assert response["StatusCode"] == 202
+    assert response["Body"] == b""
+    pool = api.runtime.pool.pools["tagged"]
+    for _ in range(3000):
+        if pool.statistics().invocations:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.statistics().invocations == 1
 
 
 async def test_list_functions_names_every_configured_function(api: Api) -> None:
