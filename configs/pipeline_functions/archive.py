@@ -1,0 +1,20 @@
+"""Step 2b: keep the parsed records as JSON lines in ARCHIVE_DIR/<file stem>.jsonl."""
+
+import json
+import os
+from pathlib import Path
+
+from paths import from_config
+
+
+def handler(event, context):
+    parsed = event["responsePayload"]
+    folder = from_config(os.environ.get("ARCHIVE_DIR", "data/archive"))
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / (Path(parsed["file"]).stem + ".jsonl")
+    temp = folder / f".{final.name}.tmp"
+    with open(temp, "w", encoding="utf-8") as file:
+        for row in parsed["rows"]:
+            file.write(json.dumps(row) + "\n")
+    os.replace(temp, final)  # same content on a re-run: the step is idempotent
+    return {"archived": str(final), "rows": len(parsed["rows"])}

@@ -1,0 +1,265 @@
+"""flowrun's own cgroup subtree and one cgroup per worker, across v1, v2 and hybrid hosts.
+
+Under our current cgroup of every usable controller, flowrun makes ``flowrun-<pid>`` and,
+in it, one cgroup per worker (``<function>-<n>``). Controllers that share a directory (v2,
+or co-mounted v1 ``cpu,cpuacct``) share one cgroup. Leftovers of daemons that died without
+cleaning up are removed when a tree is prepared.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from sandbox.limits import cgroup_v1, cgroup_v2, cgroupfs
+from sandbox.limits.detect import Controller, Host
+
+log = logging.getLogger("flowrun.limits")
+
+CPU_PERIOD_US = 100_000
+MB_PER_CPU = 1769  # as on Lambda: 1,769 MB of memory buys one full vCPU
+MIN_QUOTA_US = 1000  # the kernel's floor for a CFS quota
+_BASE = re.compile(r"^flowrun-(\d+)$")
+
+
+def version_module(version: int) -> ModuleType:
+    return cgroup_v2 if version == 2 else cgroup_v1
+
+
+def cpu_share(memory_mb: int, cpus: float | None) -> float:
+    """CPUs a worker may use: ``cpus`` when set, else proportional to memory as on Lambda."""
+    return float(cpus) if cpus else memory_mb / MB_PER_CPU
+
+
+def quota_us(share: float, period_us: int = CPU_PERIOD_US) -> int:
+    return max(MIN_QUOTA_US, round(share * period_us))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_dir(directory: Path) -> None:
+    """mkdir a cgroup (the kernel fills in its files); a fake cgroupfs swaps this out."""
+    directory.mkdir(exist_ok=True)
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What one worker's cgroups enforce."""
+
+    memory_bytes: int
+    cpu_quota_us: int
+    cpu_period_us: int
+    pids_max: int
+    init_quota_us: int  # the init phase may use up to one full CPU
+
+
+class CgroupTree:
+    """The ``flowrun-<pid>`` cgroups of this daemon, one per distinct controller directory."""
+
+    def __init__(self, host: Host, controllers: Iterable[str], *, pid: int | None = None,
+                 make_dir: Callable[[Path], None] | None = None) -> None:
+        self.host = host
+        self.make_dir = make_dir or _make_dir
+        self.pid = os.getpid() if pid is None else pid
+        self.name = f"flowrun-{self.pid}"
+        self.controllers: dict[str, Controller] = {}
+        for name in controllers:
+            controller = host.controllers.get(name)
+            if controller is not None and host.writable(controller):
+                self.controllers[name] = controller
+        self._prepared: set[Path] = set()
+        self._pending: list[Path] = []
+        atexit.register(self._remove_pending_at_exit)
+
+    def base(self, controller: Controller) -> Path:
+        return controller.directory / self.name
+
+    def prepare(self) -> None:
+        """Create the bases (once), removing leftovers of dead daemons next to them."""
+        v2_names = [n for n, c in self.controllers.items() if c.version == 2 and n != "cpuacct"]
+        for name, controller in list(self.controllers.items()):
+            base = self.base(controller)
+            if base in self._prepared:
+                continue
+            try:
+                self.remove_leftovers(controller.directory)
+                if controller.version == 2:
+                    cgroup_v2.prepare_parent(controller.directory, base, v2_names, self.pid,
+                                             self.make_dir)
+                else:
+                    self.make_dir(base)
+            except OSError as exc:
+                log.warning("cgroup %s unusable for %s: %s", base, name, exc)
+                del self.controllers[name]
+                continue
+            self._prepared.add(base)
+
+    def remove_leftovers(self, parent: Path) -> int:
+        """Kill and remove ``flowrun-<pid>`` trees whose daemon is gone; returns how many."""
+        removed = 0
+        with contextlib.suppress(OSError):
+            for entry in parent.iterdir():
+                match = _BASE.match(entry.name)
+                if match is None or not entry.is_dir():
+                    continue
+                pid = int(match.group(1))
+                if pid == self.pid or _alive(pid):
+                    continue
+                if cgroupfs.remove_tree(entry):
+                    removed += 1
+        return removed
+
+    def directories(self, worker_id: str) -> dict[str, tuple[int, Path]]:
+        """Controller → (version, directory) of one worker's cgroups."""
+        return {name: (c.version, self.base(c) / worker_id) for name, c in self.controllers.items()}
+
+    def remove_later(self, directory: Path) -> None:
+        self._pending.append(directory)
+
+    def retry_pending(self) -> None:
+        self._pending = [d for d in self._pending if not cgroupfs.remove(d)]
+
+    def _remove_pending_at_exit(self) -> None:
+        for _ in range(50):
+            self.retry_pending()
+            if not self._pending:
+                break
+            time.sleep(0.02)
+        for base in self._prepared:
+            with contextlib.suppress(OSError):
+                os.rmdir(base)
+
+
+class WorkerCgroups:
+    """The ``Placement`` of one worker: its cgroups, limits, counters and clean-up."""
+
+    def __init__(self, tree: CgroupTree, worker_id: str, limits: WorkerLimits) -> None:
+        self.tree = tree
+        self.limits = limits
+        tree.retry_pending()
+        tree.prepare()
+        by_controller = tree.directories(worker_id)
+        self.dirs: dict[Path, int] = {}  # each distinct directory once, with its version
+        for version, directory in by_controller.values():
+            self.dirs[directory] = version
+        self.memory = by_controller.get("memory")
+        self.cpu = by_controller.get("cpu")
+        self.cpuacct = by_controller.get("cpuacct")
+        self.pids = by_controller.get("pids")
+        self._peak_fd = -1
+        self._cpu_fd = -1
+        self._peak_resettable = False
+        self._cpu_start_ms = 0.0
+        self._quota_applied = False
+        try:
+            self._create()
+        except BaseException:
+            self.release()
+            raise
+
+    def _create(self) -> None:
+        for directory in self.dirs:
+            self.tree.make_dir(directory)
+        if self.memory is not None:
+            version, directory = self.memory
+            version_module(version).set_memory(directory, self.limits.memory_bytes)
+            with contextlib.suppress(OSError):
+                self._peak_fd = version_module(version).open_peak(directory)
+        if self.cpu is not None:
+            version, directory = self.cpu
+            version_module(version).set_cpu(directory, self.limits.init_quota_us,
+                                            self.limits.cpu_period_us)
+        if self.pids is not None:
+            version, directory = self.pids
+            version_module(version).set_pids(directory, self.limits.pids_max)
+        if self.cpuacct is not None:
+            version, directory = self.cpuacct
+            with contextlib.suppress(OSError):
+                self._cpu_fd = version_module(version).open_cpu_usage(directory)
+
+    # ---------------------------------------------------------------- Placement
+
+    def place(self, pid: int) -> None:
+        for directory in self.dirs:
+            cgroupfs.write(directory / "cgroup.procs", pid)
+
+    def before_invoke(self) -> None:
+        if not self._quota_applied and self.cpu is not None:
+            version, directory = self.cpu
+            version_module(version).set_cpu(directory, self.limits.cpu_quota_us,
+                                            self.limits.cpu_period_us)
+            self._quota_applied = True
+        if self._peak_fd >= 0 and self.memory is not None:
+            self._peak_resettable = version_module(self.memory[0]).reset_peak(self._peak_fd)
+        if self._cpu_fd >= 0 and self.cpuacct is not None:
+            self._cpu_start_ms = version_module(self.cpuacct[0]).read_cpu_usage_ms(self._cpu_fd)
+
+    def peak_memory_mb(self) -> int | None:
+        """This invocation's peak when the kernel could reset it; after an OOM kill, the
+        worker's lifetime peak (which is then the limit); otherwise None (the pool then
+        shows the worker's own per-invocation peak RSS)."""
+        if self.memory is None or self._peak_fd < 0:
+            return None
+        module = version_module(self.memory[0])
+        try:
+            if self._peak_resettable:
+                return cgroupfs.mb_ceil(module.read_peak_bytes(self._peak_fd))
+            if self.oom_killed():
+                return cgroupfs.mb_ceil(module.lifetime_peak_bytes(self.memory[1]))
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def cpu_usage_ms(self) -> float | None:
+        """CPU time of the worker's cgroup (all its processes) since ``before_invoke``."""
+        if self._cpu_fd < 0 or self.cpuacct is None:
+            return None
+        try:
+            usage_ms = float(version_module(self.cpuacct[0]).read_cpu_usage_ms(self._cpu_fd))
+            return usage_ms - self._cpu_start_ms
+        except (OSError, ValueError):
+            return None
+
+    def oom_killed(self) -> bool:
+        if self.memory is None:
+            return False
+        version, directory = self.memory
+        try:
+            return int(version_module(version).oom_kills(directory)) > 0
+        except (OSError, ValueError):
+            return False
+
+    def kill_all(self) -> None:
+        for directory, version in self.dirs.items():
+            with contextlib.suppress(OSError):
+                version_module(version).kill_all(directory)
+
+    def release(self) -> None:
+        for fd in (self._peak_fd, self._cpu_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._peak_fd = self._cpu_fd = -1
+        for directory in self.dirs:
+            try:
+                if not cgroupfs.remove(directory):
+                    self.tree.remove_later(directory)
+            except OSError as exc:
+                log.warning("could not remove cgroup %s: %s", directory, exc)
+        self.dirs = {}

@@ -1,0 +1,116 @@
+"""The execution role: network namespaces, another user, a private scratch, a hidden state dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from flowrun.runtime import lambda_environment
+
+CONFIG = """
+state_dir: state
+functions:
+  who: {handler: limits_handlers.identity, code: "{functions}", environment: {COLOUR: blue}}
+  rooted: {handler: limits_handlers.identity, code: "{functions}", permissions: {user: root}}
+  offline: {handler: limits_handlers.connect, code: "{functions}", permissions: {network: none}}
+  local: {handler: limits_handlers.connect, code: "{functions}",
+          permissions: {network: loopback}}
+  online: {handler: limits_handlers.connect, code: "{functions}"}
+  scratch: {handler: limits_handlers.write_scratch, code: "{functions}",
+            ephemeral_storage_mb: 4, memory_mb: 256}
+  reader: {handler: limits_handlers.read_paths, code: "{functions}"}
+"""
+
+# Set by the interpreter itself at start-up (PEP 538 locale coercion) and by the pool.
+INTERPRETER_VARIABLES = {"LC_CTYPE", "PYTHONPATH"}
+
+
+@pytest.fixture(autouse=True)
+def root_daemon() -> None:
+    assert os.geteuid() == 0, "the execution role tests need a root daemon"
+
+
+@pytest.fixture
+async def daemon_port() -> AsyncIterator[int]:
+    """A port on the daemon's 127.0.0.1 that accepts connections."""
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_worker_runs_as_an_unprivileged_user_unless_told_otherwise(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    who = (await runtime.invoke("who", {})).payload
+    rooted = (await runtime.invoke("rooted", {})).payload
+    assert (who["uid"], who["gid"]) == (65534, 65534)  # nobody: no dedicated flowrun user here
+    assert rooted["uid"] == 0
+
+
+async def test_the_environment_holds_only_the_declared_and_lambdas_variables(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    os.environ["FLOWRUN_TEST_SECRET"] = "daemon only"
+    try:
+        names = set((await runtime.invoke("who", {})).payload["environment"])
+    finally:
+        del os.environ["FLOWRUN_TEST_SECRET"]
+    fn = runtime.config.functions["who"]
+    expected = set(lambda_environment("who", fn, runtime.state_dir / "tmp" / "who"))
+    assert "COLOUR" in names
+    assert names - INTERPRETER_VARIABLES == expected
+
+
+async def test_a_connect_to_127_0_0_1_fails_under_network_none(make_runtime, daemon_port):
+    runtime = await make_runtime(CONFIG)
+    result = (await runtime.invoke("offline", {"port": daemon_port})).payload
+    assert result["daemon_port"] != "ok"
+    assert result["own_port"] != "ok"
+
+
+async def test_loopback_lets_a_function_talk_to_itself_but_not_to_the_daemons_ports(
+        make_runtime, daemon_port):
+    runtime = await make_runtime(CONFIG)
+    result = (await runtime.invoke("local", {"port": daemon_port})).payload
+    assert result["own_port"] == "ok"
+    assert result["daemon_port"] == "ECONNREFUSED"  # its own 127.0.0.1 has nothing there
+
+
+async def test_full_network_reaches_the_daemons_127_0_0_1(make_runtime, daemon_port):
+    runtime = await make_runtime(CONFIG)
+    result = (await runtime.invoke("online", {"port": daemon_port})).payload
+    assert result == {"daemon_port": "ok", "own_port": "ok"}
+
+
+async def test_writing_past_the_scratch_limit_fails_inside_the_function(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    result = (await runtime.invoke("scratch", {"mb": 16})).payload
+    assert result["error"] in ("ENOSPC", "EFBIG")
+    assert result["written_mb"] < 5
+    assert (await runtime.invoke("scratch", {"mb": 2})).payload == {"written_mb": 2, "error": None}
+
+
+async def test_a_function_cannot_read_the_state_folder_the_ledger_or_other_scratch(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    await runtime.invoke("who", {})
+    state = runtime.state_dir
+    (state / "tmp" / "who" / "note").write_text("host side")  # under the worker's tmpfs
+    paths = [str(state), str(state / "ledger.db"), str(state / "logs" / "who.log"),
+             str(state / "tmp" / "who"), str(state / "tmp" / "who" / "note")]
+    result = (await runtime.invoke("reader", {"paths": paths})).payload
+    assert result[str(state)] == "EACCES"
+    assert all(result[p] in ("EACCES", "ENOENT") for p in paths), result
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+
+
+async def test_a_function_cannot_read_another_workers_environment(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    other = (await runtime.invoke("who", {})).payload["pid"]
+    result = (await runtime.invoke("reader", {"paths": [f"/proc/{other}/environ"]})).payload
+    assert result[f"/proc/{other}/environ"] == "EACCES"
