@@ -47,7 +47,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from flowrun.types import FlowrunError, InvocationMode, TooManyRequestsException
+from flowrun.types import (
+    FlowrunError,
+    InvocationMode,
+    RequestTooLargeException,
+    TooManyRequestsException,
+)
 from triggers.base import Trigger, TriggerConfig, TriggerHost
 
 log = logging.getLogger("flowrun.mqtt")
@@ -231,7 +236,7 @@ class MqttTrigger(Trigger):
         self.state = "stopped"
         self.counters = dict.fromkeys(
             ("received", "invoked", "batches", "acked", "duplicates", "skipped_retained",
-             "dropped", "errors", "reconnects"), 0)
+             "dropped", "rejected", "errors", "reconnects"), 0)
         self.last_error: str | None = None
         self.last_error_at: str | None = None
         self._pending: deque[Received] = deque()
@@ -442,16 +447,32 @@ class MqttTrigger(Trigger):
             self._slots.release()
 
     async def _invoke_until_taken(self, event: dict[str, Any]) -> bool:
-        """True once the invocation finished or was queued; False to leave it unacknowledged."""
+        """True once the invocation finished or was queued; False to leave it unacknowledged.
+
+        Throttled (the function or its queue is full): wait, then try again. Too large for
+        the asynchronous queue (256 KB): invoke synchronously (6 MB). Too large even then, or
+        refused for good: acknowledge, so one bad batch does not block the subscription.
+        """
+        mode = self._mode()
+        pause_s = 0.01
         while True:
             try:
-                result = await self.host.invoke(self.config.function, event, mode=self._mode(),
+                result = await self.host.invoke(self.config.function, event, mode=mode,
                                                 source=self.name)
             except TooManyRequestsException as exc:
                 if getattr(exc, "reason", "") == "ShuttingDown" or self._stopping:
                     return False
                 await self.host.wait_for_capacity(self.config.function)
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 2, 1.0)
                 continue
+            except RequestTooLargeException as exc:
+                if mode == "event":
+                    mode = "sync"
+                    continue
+                self.counters["rejected"] += len(event["records"])
+                self._error(f"{exc.error_type}: {exc}")
+                return True
             except FlowrunError as exc:
                 self._error(f"{exc.error_type}: {exc}")
                 return not self._stopping and exc.error_type != "ServiceException"

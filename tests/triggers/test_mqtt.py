@@ -25,6 +25,7 @@ functions:
     handler: mqtt_handlers.{handler}
     code: "{{functions}}"
     timeout_s: 30
+    permissions: {{user: root}}  # the handler writes into the test's private folder
     environment: {{OUT_DIR: "{out}"}}
 """
 
