@@ -296,6 +296,7 @@ class MqttTrigger(Trigger):
             **self.counters,
             "pending": len(self._pending),
             "in_flight": self._in_flight_messages,
+            "lag": len(self._pending) + self._in_flight_messages,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }
@@ -342,9 +343,10 @@ class MqttTrigger(Trigger):
                     delay_ms = self.config.reconnect_initial_ms
                     async for _ in client.messages:  # nothing arrives here: on_message is ours
                         pass
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:  # aiomqtt.MqttError mostly; anything else is retried too
                 self._error(f"{type(exc).__name__}: {exc}")
-                log.warning("mqtt %s: %s; reconnecting in %d ms", self.name, exc, delay_ms)
+                log.warning("mqtt %s: %s; reconnecting in %d ms", self.name, exc, delay_ms,
+                            exc_info=not isinstance(exc, aiomqtt.MqttError))
             finally:
                 self._connected.clear()
                 self._client = None
@@ -387,8 +389,9 @@ class MqttTrigger(Trigger):
         """Move pending messages into ``batch``; drop QoS 1 ones the broker will resend."""
         while self._pending and len(batch) < self.config.batch_size:
             item = self._pending.popleft()
-            if item.message.qos == 1 and item.connection != self._connection:
-                continue  # received on a lost connection: its ack would be void
+            if (item.message.qos == 1 and item.connection != self._connection
+                    and not self.config.clean_session):
+                continue  # received on a lost connection: the session will deliver it again
             if item.message.retain and self.config.retained == "skip":
                 self.counters["skipped_retained"] += 1
                 self._ack(item)

@@ -16,7 +16,7 @@ import pytest
 from flowrun import config as config_module
 from flowrun.config import ConfigError
 from tests.brokers.mqtt import Mosquitto
-from triggers.mqtt import MqttDestination, topic_filter_problem
+from triggers.mqtt import MqttDestination, parse_url, topic_filter_problem
 
 FUNCTION = """
 state_dir: state
@@ -135,7 +135,7 @@ triggers:
     mosquitto.publish(f"{prefix}/m", "2")  # the trigger is still waiting to reconnect
     await until(lambda: len(records_in(out)) == 2)
     assert trigger.status()["state"] == "connected"
-    assert trigger.status()["reconnects"] >= 1
+    assert trigger.status()["reconnects"] >= 1 and trigger.status()["last_error"]
     await runtime.stop()  # the daemon goes away; its session stays on the broker
     mosquitto.publish(f"{prefix}/m", "3")
     mosquitto.restart()
@@ -164,6 +164,26 @@ triggers:
     assert first["payload"] == second["payload"] == {"sleep_s": 2}
     assert (first["duplicate"], second["duplicate"]) == (False, True)
     await until(lambda: runtime.triggers[0].status()["acked"] == 1)
+
+
+async def test_a_qos2_message_is_invoked_once_and_acknowledged_after_its_invocation(
+        make_runtime, mosquitto: Mosquitto, tmp_path: Path, prefix: str) -> None:
+    out = tmp_path / "out"
+    runtime = await make_runtime(function_yaml(out) + f"""
+triggers:
+  - {{type: mqtt, function: rec, name: exactly, url: "{mosquitto.url}",
+     topics: ["{prefix}/#"], qos: 2, mode: sync}}
+""")
+    trigger = runtime.triggers[0]
+    mosquitto.publish(f"{prefix}/q2", '"once"', qos=2)
+    await until(lambda: trigger.status()["acked"] == 1)
+    mosquitto.restart()  # an incomplete QoS 2 flow would be resumed after this
+    await until(lambda: trigger.status()["state"] == "connected"
+                and trigger.status()["reconnects"] >= 1)
+    mosquitto.publish(f"{prefix}/q2", '"after"', qos=2)
+    await until(lambda: len(records_in(out)) == 2)
+    assert sorted((r["payload"], r["qos"]) for r in records_in(out)) == [("after", 2),
+                                                                         ("once", 2)]
 
 
 async def test_retained_skip_ignores_a_retained_message_that_deliver_hands_over(
@@ -227,6 +247,14 @@ triggers:
     message = str(caught.value)
     assert "flowrun.yaml:10: triggers[0].topics[1]: " in message
     assert reason in message
+
+
+def test_the_url_carries_scheme_credentials_and_default_ports() -> None:
+    assert parse_url("mqtts://ann:p%40ss@broker.local") == (
+        "mqtts", "broker.local", 8883, "ann", "p@ss")
+    assert parse_url("mqtt://10.0.0.2") == ("mqtt", "10.0.0.2", 1883, None, None)
+    with pytest.raises(ValueError, match="mqtt:// or mqtts://"):
+        parse_url("http://broker")
 
 
 def test_valid_filters_include_empty_levels_wildcards_and_shared_groups() -> None:
