@@ -204,6 +204,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 
 _UNITS = {"_mb": " of MB", "_ms": " of milliseconds", "_s": " of seconds"}
+_BOUND_UNITS = {"_mb": " MB", "_ms": " ms", "_us": " µs", "_s": " seconds"}
 
 PATTERN_HINTS = {
     LISTEN_PATTERN: "host:port (like 127.0.0.1:9000)",
@@ -221,11 +222,15 @@ _BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at mos
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple", "set"}
 
 
-def _unit(field: str) -> str:
-    for suffix, unit in _UNITS.items():
+def _unit(field: str, units: Mapping[str, str] = _UNITS) -> str:
+    for suffix, unit in units.items():
         if field.endswith(suffix):
             return unit
     return ""
+
+
+def _number_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _step(tp: Any, part: Any) -> Any:
@@ -295,7 +300,8 @@ def _describe(err: Mapping[str, Any], model: type[BaseModel] | None) -> str:
             return f"expected {wanted}, got {got!r}"
     if kind in _BOUNDS:
         words, key = _BOUNDS[kind]
-        return f"expected {words} {ctx.get(key)}{_unit(field)}, got {got!r}"
+        bound = _number_text(ctx.get(key))
+        return f"expected {words} {bound}{_unit(field, _BOUND_UNITS)}, got {got!r}"
     if kind in _KINDS:
         return f"expected {_KINDS[kind]}, got {got!r}"
     msg = str(err["msg"])

@@ -153,8 +153,8 @@ def test_out_of_range_values_say_the_bound() -> None:
           app: {handler: app.handler, memory_mb: 64, concurrency: 0, timeout_s: 901}
     """)
     assert lines == [
-        "flowrun.yaml:3: functions.app.memory_mb: expected at least 128 of MB, got 64",
-        "flowrun.yaml:3: functions.app.timeout_s: expected at most 900.0 of seconds, got 901",
+        "flowrun.yaml:3: functions.app.memory_mb: expected at least 128 MB, got 64",
+        "flowrun.yaml:3: functions.app.timeout_s: expected at most 900 seconds, got 901",
         "flowrun.yaml:3: functions.app.concurrency: expected at least 1, got 0",
     ]
 
