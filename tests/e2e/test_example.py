@@ -137,11 +137,16 @@ def test_post_hello_answers_a_greeting_over_http(example: Any) -> None:
     wrong_method = subprocess.run(
         ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{env['http']}/hello",
          "--max-time", "30"], capture_output=True, text=True, timeout=60, check=False)
-    assert wrong_method.stdout != "200"
+    assert wrong_method.stdout == "404"  # as API Gateway: no route for GET /hello
+
+    by_query = subprocess.run(
+        ["curl", "-sS", "-X", "POST", f"http://{env['http']}/hello?name=query", "--max-time",
+         "30"], capture_output=True, text=True, timeout=60, check=False)
+    assert json.loads(by_query.stdout)["message"] == "Hello, query!"
 
     def accounted() -> dict[str, Any] | None:
         row = report(config).get("hello")
-        return row if row and row["invocations"] == 1 else None
+        return row if row and row["invocations"] == 2 else None
 
     row = wait_until(accounted, 30, "the ledger to account for the greeting")
     assert (row["errors"], row["cold_starts"]) == (0, 1)
