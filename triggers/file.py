@@ -51,6 +51,7 @@ DEFAULT_IGNORE_PATTERNS = (
 )
 THROTTLE_BACKOFF_S = 0.2
 HASH_CHUNK_BYTES = 1024 * 1024
+MAX_IN_FLIGHT = 64  # deliveries running at once (invoking, retrying or being throttled)
 
 
 class FileTriggerConfig(TriggerConfig):
@@ -321,6 +322,7 @@ class FileTrigger(Trigger):
         self._jobs: asyncio.Queue[Job] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._settle_wake = asyncio.Event()
         self._rescan_wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -581,10 +583,13 @@ class FileTrigger(Trigger):
         self._jobs.put_nowait(Job(kind, version, request_id))
 
     async def _job_loop(self) -> None:
-        """Start one delivery per job, no faster than the function has room for."""
+        """Start one delivery per job: in sync mode no faster than the function has room for,
+        and never more than MAX_IN_FLIGHT at once (queueing for event mode is quick)."""
         while True:
             job = await self._jobs.get()
-            await self.host.wait_for_capacity(self.config.function)
+            await self._in_flight.acquire()
+            if self.mode == "sync":
+                await self.host.wait_for_capacity(self.config.function)
             self._spawn(self._deliver(job), self._deliveries)
             await asyncio.sleep(0)  # let the delivery take its slot before looking again
 
@@ -632,6 +637,7 @@ class FileTrigger(Trigger):
                     return
         finally:
             self._queued.discard((job.kind, job.version))
+            self._in_flight.release()
 
     async def _pause(self, delay_s: float) -> bool:
         """Sleep ``delay_s``; True if the trigger is stopping (the version stays pending)."""

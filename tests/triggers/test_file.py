@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import vega_datasets
+from watchdog.observers.api import BaseObserver
 
 from flowrun.runtime import Runtime
 from triggers.file import FileTrigger, s3_key
@@ -35,6 +37,7 @@ functions:
     handler: file_handlers.{handler}
     code: {{functions}}
     concurrency: 2
+    permissions: {{user: root}}  # the handler writes into the test's private folder
     environment:
       FILE_LOG: {json.dumps(str(log))}
 triggers: {json.dumps(items)}
@@ -126,7 +129,7 @@ async def test_a_new_file_gives_one_s3_event_with_an_url_encoded_key(
 async def test_a_file_written_slowly_is_invoked_once_after_the_last_chunk(
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
-    runtime = await make_runtime(config_yaml(log, settle_ms=400))
+    runtime = await make_runtime(config_yaml(log, settle_ms=600))
     chunk = b"x" * 1000 + b"\n"
     with open(tmp_path / "inbox" / "slow.csv", "wb") as f:
         for _ in range(5):
@@ -216,6 +219,7 @@ async def test_a_restart_neither_repeats_nor_loses_files(
     await wait_for_lines(log, 2)
     await wait_until_idle(first)
     await first.stop()
+    assert not [t for t in threading.enumerate() if isinstance(t, BaseObserver)]
 
     (inbox / "while stopped.csv").write_text("3\n")
     (inbox / "before start.csv").unlink()
