@@ -86,7 +86,7 @@ def runtime_for(folder: Path, broker: Mosquitto, topic: str, scenario: Scenario,
             qos: {scenario.qos}
             batch_size: {scenario.batch_size}
             batch_window_ms: 50
-            mode: sync
+            invocation: sync
         """)
     (folder / "flowrun.yaml").write_text(text)
     return Runtime(config_module.load(folder / "flowrun.yaml"), start_triggers=False)

@@ -5,7 +5,7 @@ and time (``batch_window_ms``) into ``{"eventSource": "flowrun:mqtt", "records":
 
 Delivery is at-least-once for QoS 1 and 2: the trigger turns paho's automatic
 acknowledgement off and sends PUBACK (QoS 1) / PUBCOMP (QoS 2) only after the batch's
-invocation finished, or was durably queued (``mode: event``). aiomqtt 2.5 has no public
+invocation finished, or was durably queued (``invocation: event``, the default). aiomqtt 2.5 has no public
 manual-ack API, so the trigger reaches the paho client aiomqtt wraps — ``aiomqtt.Client._client``,
 the one private attribute used — to call ``manual_ack_set(True)`` and ``ack(mid, qos)``, and to
 receive paho's own ``MQTTMessage`` (which, unlike aiomqtt's ``Message``, carries the ``dup``
@@ -143,9 +143,9 @@ class MqttConfig(TriggerConfig):
     reconnect_max_ms: int = Field(30_000, ge=1, le=3_600_000)
     stop_grace_s: float = Field(30, ge=0, le=3600,
                                 description="wait this long for in-flight batches on stop")
-    mode: Literal["auto", "sync", "event"] = Field(
-        "auto", description="event: ack once durably queued; sync: ack once it ran; "
-                            "auto: event when the runtime has a durable queue")
+    invocation: Literal["sync", "event"] = Field(
+        "event", description="event: acknowledge once durably queued (the queue retries and "
+                             "routes on_success/on_failure); sync: acknowledge once it ran")
     ca_file: Path | None = Field(None, description="CA bundle for mqtts://")
     tls_insecure: bool = Field(False, description="mqtts:// without checking the certificate")
 
@@ -251,6 +251,7 @@ class MqttTrigger(Trigger):
         self._stopping = False
         self._window_s = cfg.batch_window_ms / 1000
         self._first_attempt: asyncio.Future[None] | None = None
+        self._warned_fallback = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -433,9 +434,13 @@ class MqttTrigger(Trigger):
             await asyncio.sleep(0)  # let it pass the function's gate before we look again
 
     def _mode(self) -> InvocationMode:
-        if self.config.mode == "auto":
-            return "event" if getattr(self.host, "async_queue", None) is not None else "sync"
-        return self.config.mode
+        if self.config.invocation == "event":
+            if getattr(self.host, "async_queue", None) is not None:
+                return "event"
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                log.warning("mqtt %s: no durable queue; invoking synchronously", self.name)
+        return "sync"
 
     async def _invoke(self, batch: list[Received]) -> None:
         try:

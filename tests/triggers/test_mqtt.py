@@ -154,7 +154,7 @@ async def test_a_message_not_acknowledged_when_the_connection_drops_is_redeliver
     runtime = await make_runtime(function_yaml(out, handler="record_then_sleep") + f"""
 triggers:
   - {{type: mqtt, function: rec, name: redeliver, url: "{mosquitto.url}",
-     topics: ["{prefix}/#"], qos: 1, mode: sync}}
+     topics: ["{prefix}/#"], qos: 1, invocation: sync}}
 """)
     mosquitto.publish(f"{prefix}/slow", '{"sleep_s": 2}')
     await until(lambda: len(records_in(out)) == 1)
@@ -172,7 +172,7 @@ async def test_a_qos2_message_is_invoked_once_and_acknowledged_after_its_invocat
     runtime = await make_runtime(function_yaml(out) + f"""
 triggers:
   - {{type: mqtt, function: rec, name: exactly, url: "{mosquitto.url}",
-     topics: ["{prefix}/#"], qos: 2, mode: sync}}
+     topics: ["{prefix}/#"], qos: 2, invocation: sync}}
 """)
     trigger = runtime.triggers[0]
     mosquitto.publish(f"{prefix}/q2", '"once"', qos=2)
