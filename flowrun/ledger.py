@@ -132,6 +132,9 @@ class Ledger:
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise
+        finally:
+            if db is not self._db:  # opened just for this read
+                db.close()
 
 
 def read_rows(state_dir: Path, since_s: float | None = None,

@@ -173,3 +173,4 @@ def test_rows_are_read_back_from_the_ledger_on_disk_by_age_and_function(tmp_path
     assert [r.request_id for r in read_rows(tmp_path, since_s=3600)] == ["a-10", "b-10"]
     assert [r.request_id for r in read_rows(tmp_path, since_s=3600, function="a")] == ["a-10"]
     assert read_rows(tmp_path / "nowhere") == []
+    assert len(list(Ledger(tmp_path / "ledger.db").rows())) == 3  # read without open()
