@@ -15,9 +15,11 @@ import pytest
 
 from flowrun import config as config_module
 from flowrun.config import ConfigError
-from tests.brokers.mqtt import Mosquitto
+from tests.brokers.mqtt import Mosquitto, free_port
+from tests.daemon_process import Daemon, children_of, is_alive, wait_until
 from triggers.mqtt import MqttDestination, parse_url, topic_filter_problem
 
+FUNCTIONS = Path(__file__).resolve().parents[1] / "functions"
 FUNCTION = """
 state_dir: state
 functions:
@@ -164,6 +166,33 @@ triggers:
     assert first["payload"] == second["payload"] == {"sleep_s": 2}
     assert (first["duplicate"], second["duplicate"]) == (False, True)
     await until(lambda: runtime.triggers[0].status()["acked"] == 1)
+
+
+def test_a_message_in_flight_when_the_daemon_is_killed_is_invoked_again_after_restart(
+        mosquitto: Mosquitto, tmp_path: Path, prefix: str) -> None:
+    out = tmp_path / "out"
+    api = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "flowrun.yaml"
+    config.write_text(function_yaml(out, handler="record_then_sleep").replace(
+        "{functions}", str(FUNCTIONS)) + f"""
+api: {{listen: "{api}"}}
+triggers:
+  - {{type: mqtt, function: rec, name: killed, url: "{mosquitto.url}",
+     topics: ["{prefix}/#"], qos: 1, invocation: sync}}
+""")
+    daemon = Daemon.start(config, api)
+    try:
+        mosquitto.publish(f"{prefix}/k", '{"sleep_s": 2}')
+        wait_until(lambda: len(records_in(out)) == 1, 30, "the first invocation")
+        workers = children_of(daemon.process.pid)
+        daemon.kill()  # SIGKILL mid-invocation: no PUBACK was sent
+        wait_until(lambda: not any(is_alive(pid) for pid in workers), 30, "orphaned workers")
+        daemon = Daemon.start(config, api)
+        wait_until(lambda: len(records_in(out)) == 2, 30, "the redelivery")
+        assert [r["duplicate"] for r in records_in(out)] == [False, True]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
 
 
 async def test_a_qos2_message_is_invoked_once_and_acknowledged_after_its_invocation(
