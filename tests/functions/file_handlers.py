@@ -49,3 +49,12 @@ def fail_first_time(event, context):
         raise RuntimeError("first attempt fails")
     _append(event)
     return "ok"
+
+
+def slow_record(event, context):
+    """Notes its start in $STARTS, sleeps $SLOW_S, then records."""
+    with open(os.environ["STARTS"], "a") as f:
+        f.write(event["Records"][0]["s3"]["object"]["key"] + "\n")
+    time.sleep(float(os.environ.get("SLOW_S", "0")))
+    _append(event)
+    return "ok"

@@ -26,20 +26,20 @@ MakeRuntime = Callable[..., Any]
 
 
 def config_yaml(log: Path, handler: str = "record", triggers: list[dict[str, Any]] | None = None,
-                **trigger: Any) -> str:
+                head: str = "", environment: dict[str, str] | None = None, **trigger: Any) -> str:
     """A config with one function writing to ``log`` and file triggers (JSON is YAML)."""
     if triggers is None:
         triggers = [{"path": "inbox", "settle_ms": 200, "rescan_s": 0.5, **trigger}]
     items = [{"type": "file", "function": "handle", **t} for t in triggers]
-    return f"""
+    env = {"FILE_LOG": str(log), **(environment or {})}
+    return f"""{head}
 functions:
   handle:
     handler: file_handlers.{handler}
     code: {{functions}}
     concurrency: 2
     permissions: {{user: root}}  # the handler writes into the test's private folder
-    environment:
-      FILE_LOG: {json.dumps(str(log))}
+    environment: {json.dumps(env)}
 triggers: {json.dumps(items)}
 """
 
@@ -236,6 +236,28 @@ async def test_a_restart_neither_repeats_nor_loses_files(
         ("ObjectRemoved:Delete", "before+start.csv"),
     ]
     assert (tmp_path / ".flowrun" / "files.db").exists()
+
+
+async def test_a_file_whose_invocation_was_cut_short_by_a_stop_is_invoked_after_restart(
+        make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    log, starts = tmp_path / "calls.jsonl", tmp_path / "starts.txt"
+    yaml_text = config_yaml(log, handler="slow_record", head="shutdown_grace_s: 0",
+                            environment={"STARTS": str(starts), "SLOW_S": "2"})
+    first = await make_runtime(yaml_text)
+    (tmp_path / "inbox" / "cut.csv").write_text("x\n")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not starts.exists():
+        assert time.monotonic() < deadline, "the invocation never started"
+        await asyncio.sleep(0.05)
+    await first.stop(grace_s=0)
+    assert lines(log) == []
+
+    second = await make_runtime(yaml_text)
+    [call] = await wait_for_lines(log, 1)
+    assert call["key"] == "cut.csv"
+    await wait_until_idle(second)
+    assert starts.read_text().split() == ["cut.csv", "cut.csv"]
+    assert len(lines(log)) == 1
 
 
 async def test_rewriting_a_file_with_new_content_triggers_again(
