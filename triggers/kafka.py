@@ -66,6 +66,9 @@ class KafkaTriggerConfig(TriggerConfig):
     heartbeat_interval_ms: int = Field(3_000, ge=100, le=3_600_000)
     request_timeout_ms: int = Field(40_000, ge=1_000, le=3_600_000)
     max_partition_fetch_bytes: int = Field(1_048_576, ge=1_024)
+    pipeline_commits: bool = Field(
+        False, description="commit a batch while the next one runs: faster, but a crash may "
+                           "redeliver two batches per partition instead of one")
     max_retries: int = Field(2, ge=0, le=10_000,
                              description="retries of a failed batch before on_failure")
     retry_backoff_ms: int = Field(500, ge=0, le=600_000,
@@ -256,6 +259,12 @@ class KafkaTrigger(Trigger):
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._orphans: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._need = asyncio.Event()
+        self._to_commit: dict[TopicPartition, tuple[_Partition, int]] = {}
+        self._next_round: asyncio.Future[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self._last_fetch_at = time.monotonic()
         self._stopping = False
         self._state = "stopped"
         self._last_error: str | None = None
@@ -375,8 +384,25 @@ class KafkaTrigger(Trigger):
                 await asyncio.sleep(0.5)
 
     async def _poll_once(self, consumer: AIOKafkaConsumer) -> None:
-        data = await consumer.getmany(timeout_ms=self.poll_timeout_ms,
-                                      max_records=self.config.batch_size)
+        """Fetch for the partitions that have room for more records, then buffer them.
+
+        A partition holding a full batch is left out of ``getmany`` (aiokafka keeps at most
+        one fetch response for it), so records never pile up; the wait ends early when a
+        partition's worker takes a batch and wants more.
+        """
+        wanted = [tp for tp, part in self._partitions.items()
+                  if not part.revoking and len(part.records) < 2 * self.config.batch_size]
+        self._need.clear()
+        if wanted:
+            data = await self._getmany(consumer, wanted)
+            self._last_fetch_at = time.monotonic()
+        elif time.monotonic() - self._last_fetch_at > self.config.max_poll_interval_ms / 2000:
+            data = await consumer.getmany(timeout_ms=0, max_records=self.config.batch_size)
+            self._last_fetch_at = time.monotonic()  # stay a live member of the group
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._need.wait(), self.poll_timeout_ms / 1000)
+            data = {}
         now = time.monotonic()
         for tp, records in data.items():
             part = self._partitions.get(tp)
@@ -391,29 +417,42 @@ class KafkaTrigger(Trigger):
             part.arrived.set()
         self._apply_backpressure(consumer)
 
-    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause partitions holding a full batch, or all of them while the function is full."""
-        room = self.host.has_capacity(self.config.function)
-        pause, resume = [], []
-        paused = consumer.paused()
-        for tp, part in self._partitions.items():
-            full = len(part.records) >= self.config.batch_size
-            if full or not room:
-                if tp not in paused:
-                    pause.append(tp)
-            elif tp in paused:
-                resume.append(tp)
-        if pause:
-            consumer.pause(*pause)
-        if resume:
-            consumer.resume(*resume)
+    async def _getmany(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition],
+                       ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """``getmany`` for ``partitions``, given up early when another partition needs records."""
+        fetch = asyncio.ensure_future(consumer.getmany(
+            *partitions, timeout_ms=self.poll_timeout_ms, max_records=self.config.batch_size))
+        need = asyncio.ensure_future(self._need.wait())
+        try:
+            await asyncio.wait({fetch, need}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            need.cancel()
+            if not fetch.done():
+                fetch.cancel()
+            await asyncio.wait({fetch, need})
+        if fetch.cancelled():
+            return {}
+        result: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
+        return result
 
-    def _resume_if_room(self, part: _Partition) -> None:
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause every partition while the function has no free concurrency; resume after."""
+        room = self.host.has_capacity(self.config.function)
+        paused = consumer.paused()
+        if not room:
+            pause = [tp for tp in self._partitions if tp not in paused]
+            if pause:
+                consumer.pause(*pause)
+        elif paused:
+            consumer.resume(*paused)
+
+    def _want_more(self, part: _Partition) -> None:
+        """A worker took a batch: let the poll loop fetch for its partition again."""
+        self._need.set()
         consumer = self._consumer
         if consumer is None or part.revoking:
             return
-        if len(part.records) < self.config.batch_size and self.host.has_capacity(
-                self.config.function) and part.tp in consumer.paused():
+        if self.host.has_capacity(self.config.function) and part.tp in consumer.paused():
             consumer.resume(part.tp)
 
     # ---------------------------------------------------------------- rebalances
@@ -440,6 +479,7 @@ class KafkaTrigger(Trigger):
         tasks = {part.task for part in parts if part.task is not None and not part.task.done()}
         if tasks:
             await asyncio.wait(tasks, timeout=self._timeout_s + 1)
+        await self._flush_commits()
         for part in parts:
             part.revoked = True
             self._partitions.pop(part.tp, None)
@@ -465,7 +505,7 @@ class KafkaTrigger(Trigger):
                 await asyncio.sleep(1)
             finally:
                 part.in_flight = 0
-            self._resume_if_room(part)
+            self._want_more(part)
 
     def _rewind(self, part: _Partition, offset: int) -> None:
         """Drop what is buffered for ``part`` and fetch again from ``offset``."""
@@ -496,7 +536,7 @@ class KafkaTrigger(Trigger):
         count = min(size, len(part.records))
         batch = [part.records.popleft() for _ in range(count)]
         part.first_at = time.monotonic() if part.records else None
-        self._resume_if_room(part)
+        self._want_more(part)
         return batch
 
     async def _deliver(self, part: _Partition, batch: list[ConsumerRecord[bytes, bytes]]) -> None:
@@ -526,7 +566,10 @@ class KafkaTrigger(Trigger):
                     failed_at = None
                 if failed_at is None:
                     self._counters.records += len(pending)
-                    await self._commit(part, pending[-1].offset + 1)
+                    if self.config.pipeline_commits:  # overlap the commit with the next batch
+                        self._spawn(self._commit(part, pending[-1].offset + 1))
+                    else:
+                        await self._commit(part, pending[-1].offset + 1)
                     await self._send(self._on_success, self._success_record(result, event))
                     return
             else:
@@ -550,6 +593,15 @@ class KafkaTrigger(Trigger):
             self._counters.retries += 1
             await self._sleep_unless_revoked(part, self._backoff_s(failures))
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_commits(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=self.config.request_timeout_ms / 1000)
+
     def _backoff_s(self, failures: int) -> float:
         return float(min(self.config.retry_backoff_ms / 1000 * 2 ** (failures - 1), 60.0))
 
@@ -565,17 +617,40 @@ class KafkaTrigger(Trigger):
         part.arrived.set()
 
     async def _commit(self, part: _Partition, offset: int) -> None:
-        consumer = self._consumer
-        if consumer is None or part.revoked:
+        """Commit ``offset`` for ``part`` and return once the broker answered.
+
+        Commits of all partitions are coalesced: while one commit request is out, the
+        offsets that come in meanwhile wait and go together in the next request.
+        """
+        if self._consumer is None or part.revoked:
             return
-        try:
-            await consumer.commit({part.tp: offset})
-        except (CommitFailedError, KafkaError) as exc:
-            self._counters.commit_failures += 1
-            self._error(f"{part.key}: commit of offset {offset} failed: {exc}")
-            return
-        part.committed = offset
-        self._counters.commits += 1
+        self._to_commit[part.tp] = (part, offset)
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+        round_done = self._next_round
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_rounds())
+        await asyncio.shield(round_done)
+
+    async def _commit_rounds(self) -> None:
+        while self._to_commit:
+            wanted, self._to_commit = self._to_commit, {}
+            round_done, self._next_round = self._next_round, None
+            offsets = {tp: offset for tp, (part, offset) in wanted.items() if not part.revoked}
+            consumer = self._consumer
+            try:
+                if offsets and consumer is not None:
+                    await consumer.commit(offsets)
+                    self._counters.commits += 1
+                    for tp, (part, offset) in wanted.items():
+                        if tp in offsets:
+                            part.committed = offset
+            except (CommitFailedError, KafkaError) as exc:
+                self._counters.commit_failures += 1
+                self._error(f"commit of {offsets} failed: {exc}")
+            finally:
+                if round_done is not None and not round_done.done():
+                    round_done.set_result(None)
 
     # ---------------------------------------------------------------- destinations
 

@@ -279,8 +279,9 @@ async def test_a_saturated_function_pauses_the_partitions_instead_of_buffering(
         paused_seen = paused_seen or len(status["paused"]) == 3
         await asyncio.sleep(0.02)
     assert paused_seen, "the partitions were never all paused"
-    # each partition holds at most one batch in flight plus less than two buffered batches
-    assert max(buffered) <= 3 * 3 * batch, max(buffered)
+    # a partition holds at most one batch in flight, and is read only while it buffers less
+    # than two more (one read adds at most one batch): four batches, whatever the backlog
+    assert max(buffered) <= 3 * 4 * batch, max(buffered)
     assert len(read_offsets(offsets)) < total  # still far from done: the function is slow
 
 
