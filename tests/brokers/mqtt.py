@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = "apt-get install mosquitto mosquitto-clients"
+INSTALL_HINT = "apt-get install mosquitto mosquitto-clients openssl"
 
 
 def free_port() -> int:
@@ -36,8 +36,23 @@ def _require(binary: str) -> str:
     return path
 
 
+USER, PASSWORD = "flowrun", "s3cret/pw"
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class Mosquitto:
-    """One broker process; ``url`` stays the same across ``restart()``."""
+    """One broker process; its URLs stay the same across ``restart()``.
+
+    Three listeners: ``url`` (anonymous), ``tls_url`` (TLS with a self-signed certificate for
+    127.0.0.1, trusted through ``ca_file``) and ``auth_url`` (``USER``/``PASSWORD`` required).
+    """
 
     def __init__(self, folder: Path, port: int | None = None,
                  extra_config: tuple[str, ...] = ()) -> None:
@@ -46,17 +61,42 @@ class Mosquitto:
         self.folder = folder
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.tls_port, self.auth_port = free_port(), free_port()
+        self.tls_url = f"mqtts://127.0.0.1:{self.tls_port}"
+        self.auth_url = f"mqtt://127.0.0.1:{self.auth_port}"
+        self.ca_file = folder / "cert.pem"
         self.config = folder / "mosquitto.conf"
         self.log = folder / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_config = extra_config
         (folder / "data").mkdir(parents=True, exist_ok=True)
+        self._make_credentials()
         self.config.write_text(self._config_text())
+
+    def _make_credentials(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (openssl) and a password file."""
+        openssl = _require("openssl")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-keyout", str(self.folder / "key.pem"), "-out", str(self.ca_file),
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        passwords = self.folder / "passwords"
+        subprocess.run([_require("mosquitto_passwd"), "-b", "-c", str(passwords), USER,
+                        PASSWORD], check=True, capture_output=True, timeout=60)
+        passwords.chmod(0o600)
 
     def _config_text(self) -> str:
         lines = [
+            "per_listener_settings true",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
+            f"listener {self.tls_port} 127.0.0.1",
+            "allow_anonymous true",
+            f"certfile {self.ca_file}",
+            f"keyfile {self.folder / 'key.pem'}",
+            f"listener {self.auth_port} 127.0.0.1",
+            "allow_anonymous false",
+            f"password_file {self.folder / 'passwords'}",
             "persistence true",
             f"persistence_location {self.folder / 'data'}/",
             "autosave_interval 1",
@@ -82,11 +122,9 @@ class Mosquitto:
             if self.process.poll() is not None:
                 code, self.process = self.process.returncode, None
                 raise RuntimeError(f"mosquitto exited with {code}: {self._log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if all(_listening(port) for port in (self.port, self.tls_port, self.auth_port)):
+                return
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"mosquitto did not listen on {self.port}: {self._log_tail()}")
 

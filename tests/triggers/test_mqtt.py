@@ -9,13 +9,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiomqtt
 import pytest
 
 from flowrun import config as config_module
 from flowrun.config import ConfigError
-from tests.brokers.mqtt import Mosquitto, free_port
+from tests.brokers.mqtt import PASSWORD, USER, Mosquitto, free_port
 from tests.daemon_process import Daemon, children_of, is_alive, wait_until
 from triggers.mqtt import MqttDestination, parse_url, topic_filter_problem
 
@@ -213,6 +214,28 @@ triggers:
     await until(lambda: len(records_in(out)) == 2)
     assert sorted((r["payload"], r["qos"]) for r in records_in(out)) == [("after", 2),
                                                                          ("once", 2)]
+
+
+async def test_mqtts_with_a_ca_file_and_user_password_urls_connect_and_a_wrong_password_is_shown(
+        make_runtime, mosquitto: Mosquitto, tmp_path: Path, prefix: str) -> None:
+    out = tmp_path / "out"
+    auth = mosquitto.auth_url.replace("mqtt://", f"mqtt://{USER}:{quote(PASSWORD, safe='')}@")
+    denied = mosquitto.auth_url.replace("mqtt://", f"mqtt://{USER}:wrong@")
+    runtime = await make_runtime(function_yaml(out) + f"""
+triggers:
+  - {{type: mqtt, function: rec, name: tls, url: "{mosquitto.tls_url}",
+     ca_file: "{mosquitto.ca_file}", topics: ["{prefix}/#"]}}
+  - {{type: mqtt, function: rec, name: auth, url: "{auth}", topics: ["{prefix}/#"]}}
+  - {{type: mqtt, function: rec, name: denied, url: "{denied}", topics: ["{prefix}/#"]}}
+""")
+    tls, authed, refused = runtime.triggers
+    assert tls.status()["state"] == authed.status()["state"] == "connected"
+    mosquitto.publish(f"{prefix}/secure", '"hello"')
+    await until(lambda: len(records_in(out)) == 2)
+    assert tls.status()["invoked"] == authed.status()["invoked"] == 1
+    assert refused.status()["state"] != "connected"
+    assert "authoriz" in refused.status()["last_error"].lower() or \
+        "password" in refused.status()["last_error"].lower()
 
 
 async def test_retained_skip_ignores_a_retained_message_that_deliver_hands_over(
