@@ -120,6 +120,7 @@ class FileTriggerStatistics:
     failed: int
     retries: int
     scans: int
+    watching: bool
     invocation: str
     last_error: str | None
 
@@ -317,6 +318,8 @@ class FileTrigger(Trigger):
         self._observer: Any = None
         self._settling: dict[str, tuple[Observation, float]] = {}
         self._hashing: set[str] = set()
+        self._unreadable_keys: set[str] = set()
+        self.watching = False  # False: the OS watch failed, only rescans find files
         self._known: dict[str, tuple[Observation, FileVersion]] = {}
         self._queued: set[tuple[Kind, FileVersion]] = set()
         self._jobs: asyncio.Queue[Job] = asyncio.Queue()
@@ -337,13 +340,7 @@ class FileTrigger(Trigger):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index.open()
         try:
-            loop = asyncio.get_running_loop()
-            observer = Observer()
-            observer.schedule(_Forwarder(loop, self), str(self.folder),
-                              recursive=self.config.recursive)
-            observer.daemon = True
-            observer.start()
-            self._observer = observer
+            self._watch()
             self._resume_unfinished()
             snapshot = await asyncio.to_thread(self._scan)
             self._apply_scan(snapshot)
@@ -356,6 +353,25 @@ class FileTrigger(Trigger):
         self._spawn(self._rescan_loop())
         self._spawn(self._job_loop())
         self.state = "running"
+
+    def _watch(self) -> None:
+        """Start the observer thread; without it (inotify limits reached) rely on rescans."""
+        observer = Observer()
+        try:
+            observer.schedule(_Forwarder(asyncio.get_running_loop(), self), str(self.folder),
+                              recursive=self.config.recursive)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            self._last_error = f"cannot watch {self.folder}: {exc}"
+            log.warning("file trigger %s: cannot watch %s (%s); finding files by rescanning "
+                        "every %.1f s only", self.name, self.folder, exc, self.config.rescan_s)
+            if observer.is_alive():
+                observer.stop()
+                observer.join(10)
+            return
+        self._observer = observer
+        self.watching = True
 
     async def stop(self) -> None:
         await self._shutdown(grace_s=self._grace_s())
@@ -524,17 +540,27 @@ class FileTrigger(Trigger):
                 self._settle_wake.clear()
                 await self._settle_wake.wait()
             await asyncio.sleep(self.tick_s)
-            now = time.monotonic()
-            for rel, (obs, since) in list(self._settling.items()):
-                current = observe(self.folder / rel)
-                if current is None:
-                    self.gone(rel)
-                elif current != obs:
-                    self._settling[rel] = (current, now)
-                elif now - since >= self.settle_s:
-                    del self._settling[rel]
-                    self._hashing.add(rel)
-                    self._spawn(self._settled(rel, obs))
+            try:
+                self._settle_tick(time.monotonic())
+            except Exception as exc:  # e.g. the index is locked or the disk is full
+                self._internal_error("settling files", exc)
+                await asyncio.sleep(1)
+
+    def _settle_tick(self, now: float) -> None:
+        for rel, (obs, since) in list(self._settling.items()):
+            current = observe(self.folder / rel)
+            if current is None:
+                self.gone(rel)
+            elif current != obs:
+                self._settling[rel] = (current, now)
+            elif now - since >= self.settle_s:
+                del self._settling[rel]
+                self._hashing.add(rel)
+                self._spawn(self._settled(rel, obs))
+
+    def _internal_error(self, doing: str, exc: BaseException) -> None:
+        self._last_error = f"{doing}: {type(exc).__name__}: {exc}"
+        log.error("file trigger %s: error while %s", self.name, doing, exc_info=exc)
 
     async def _settled(self, rel: str, obs: Observation) -> None:
         """``rel`` stayed unchanged for settle_ms: find its version and invoke if new."""
@@ -543,9 +569,10 @@ class FileTrigger(Trigger):
             if version is None:
                 try:
                     etag = await asyncio.to_thread(md5_hex, self.folder / rel)
-                except OSError:
-                    etag = ""
-                if observe(self.folder / rel) != obs or not etag:
+                except OSError as exc:
+                    self._unreadable(rel, exc)  # the next rescan tries again
+                    return
+                if observe(self.folder / rel) != obs:
                     self._hashing.discard(rel)
                     self.touch(rel)  # it changed while we read it: settle again
                     return
@@ -553,6 +580,7 @@ class FileTrigger(Trigger):
         finally:
             self._hashing.discard(rel)
         self._known[rel] = (obs, version)
+        self._unreadable_keys.discard(rel)
         status = self.index.status_of(Kind.CREATED, version)
         if status in ProcessedIndex.FINISHED:
             return
@@ -562,6 +590,13 @@ class FileTrigger(Trigger):
             return
         self._enqueue(Kind.CREATED, version)
 
+    def _unreadable(self, rel: str, exc: OSError) -> None:
+        self._last_error = f"{rel}: cannot read: {exc}"
+        if rel not in self._unreadable_keys:
+            self._unreadable_keys.add(rel)
+            log.warning("file trigger %s: cannot read %s (%s); trying again on each rescan",
+                        self.name, rel, exc)
+
     # ---------------------------------------------------------------- rescans
 
     async def _rescan_loop(self) -> None:
@@ -569,8 +604,11 @@ class FileTrigger(Trigger):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rescan_wake.wait(), self.config.rescan_s)
             self._rescan_wake.clear()
-            snapshot = await asyncio.to_thread(self._scan)
-            self._apply_scan(snapshot)
+            try:
+                snapshot = await asyncio.to_thread(self._scan)
+                self._apply_scan(snapshot)
+            except Exception as exc:
+                self._internal_error("rescanning the folder", exc)
 
     # ---------------------------------------------------------------- invocation
 
@@ -673,7 +711,7 @@ class FileTrigger(Trigger):
             state=self.state, path=str(self.folder), seen=self._counts["seen"],
             invoked=self._counts["invoked"], pending=pending, failed=self._counts["failed"],
             retries=self._counts["retries"], scans=self._counts["scans"],
-            invocation=self.mode, last_error=self._last_error)
+            watching=self.watching, invocation=self.mode, last_error=self._last_error)
 
     def status(self) -> dict[str, Any]:
         return dataclasses.asdict(self.statistics())

@@ -122,7 +122,7 @@ async def test_a_new_file_gives_one_s3_event_with_an_url_encoded_key(
     await wait_until_idle(runtime)
     assert len(lines(log)) == 1
     status = runtime.status()["triggers"][0]
-    assert status["state"] == "running"
+    assert status["state"] == "running" and status["watching"] is True
     assert (status["seen"], status["invoked"], status["pending"], status["failed"]) == (1, 1, 0, 0)
 
 
