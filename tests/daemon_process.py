@@ -92,11 +92,12 @@ class Daemon:
 
     @classmethod
     def start(cls, config: Path, api: str, env: Mapping[str, str] | None = None,
-              extra_args: tuple[str, ...] = ()) -> Daemon:
+              extra_args: tuple[str, ...] = (), cwd: Path | None = None) -> Daemon:
+        """Start ``flowrun run config`` in ``cwd`` (default: the config's folder)."""
         log_path = config.parent / f"daemon-{os.getpid()}-{time.monotonic_ns()}.log"
         log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen([*flowrun_command(), "run", str(config), *extra_args],
-                                   cwd=config.parent, env={**os.environ, **(env or {})},
+                                   cwd=cwd or config.parent, env={**os.environ, **(env or {})},
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         daemon = cls(process, api, log_path, log)
         try:

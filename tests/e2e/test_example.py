@@ -38,7 +38,9 @@ def example(tmp_path: Path) -> Iterator[tuple[Daemon, Path, dict[str, str]]]:
     config = copy_example(tmp_path / "configs")
     api, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {"FLOWRUN_API_LISTEN": api, "FLOWRUN_HTTP_LISTEN": http}
-    daemon = Daemon.start(config, api, env)
+    elsewhere = tmp_path / "elsewhere"  # relative paths must not depend on the cwd
+    elsewhere.mkdir()
+    daemon = Daemon.start(config, api, env, cwd=elsewhere)
     yield daemon, config, {**env, "http": http}
     daemon.kill()
 
@@ -118,6 +120,7 @@ def test_csv_files_dropped_in_the_inbox_are_summarised_into_the_outbox(example: 
     finally:
         restarted.kill()
     assert report(config)["summarize"]["invocations"] == len(CSV_FILES)
+    assert not any((config.parent.parent / "elsewhere").iterdir())
 
 
 def test_post_hello_answers_a_greeting_over_http(example: Any) -> None:
