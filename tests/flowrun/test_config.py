@@ -429,10 +429,12 @@ def test_the_schema_is_a_valid_json_schema_with_functions_and_triggers() -> None
     assert function["additionalProperties"] is False
     trigger_items = schema["properties"]["triggers"]["items"]
     referenced = {ref["$ref"].rsplit("/", 1)[-1] for ref in trigger_items.get("anyOf", [trigger_items])}
-    assert "HttpTriggerConfig" in referenced
+    assert {"FileTriggerConfig", "HttpTriggerConfig", "CronConfig"} <= referenced
+    pinned = {definitions[name]["properties"]["type"].get("const") for name in referenced}
+    assert {"file", "http", "cron"} <= pinned
     for name in referenced:
         assert "function" in definitions[name]["properties"]
-        assert "type" in definitions[name]["properties"]
+        assert definitions[name]["additionalProperties"] is False
 
 
 def test_the_schema_accepts_the_example_and_rejects_a_bad_config() -> None:
