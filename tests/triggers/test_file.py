@@ -242,6 +242,7 @@ async def test_a_file_whose_invocation_was_cut_short_by_a_stop_is_invoked_after_
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log, starts = tmp_path / "calls.jsonl", tmp_path / "starts.txt"
     yaml_text = config_yaml(log, handler="slow_record", head="shutdown_grace_s: 0",
+                            invocation="sync",
                             environment={"STARTS": str(starts), "SLOW_S": "2"})
     first = await make_runtime(yaml_text)
     (tmp_path / "inbox" / "cut.csv").write_text("x\n")
@@ -280,7 +281,9 @@ async def test_rewriting_a_file_with_new_content_triggers_again(
 async def test_a_failing_invocation_is_retried_then_failed_and_not_retried_after_restart(
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
-    yaml_text = config_yaml(log, handler="fail", retries=2, retry_backoff_s=0.05)
+    # sync: the trigger retries itself (with event the durable queue does, on its own clock)
+    yaml_text = config_yaml(log, handler="fail", invocation="sync", retries=2,
+                            retry_backoff_s=0.05)
     runtime = await make_runtime(yaml_text)
     (tmp_path / "inbox" / "bad.csv").write_text("x\n")
 
@@ -300,7 +303,7 @@ async def test_a_failing_invocation_is_retried_then_failed_and_not_retried_after
 async def test_a_failed_first_attempt_succeeds_on_retry(
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
-    runtime = await make_runtime(config_yaml(log, handler="fail_first_time",
+    runtime = await make_runtime(config_yaml(log, handler="fail_first_time", invocation="sync",
                                              retry_backoff_s=0.05))
     (tmp_path / "inbox" / "flaky.csv").write_text("x\n")
 
@@ -325,17 +328,34 @@ async def test_a_real_vega_datasets_csv_is_read_by_the_handler(
     assert call["lines"] == content.count(b"\n") > 1000
 
 
-async def test_event_invocation_falls_back_to_sync_without_a_durable_queue(
+async def test_event_invocation_hands_the_file_to_the_durable_queue(
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
     runtime = await make_runtime(config_yaml(log, invocation="event"))
-    (tmp_path / "inbox" / "a.csv").write_text("x\n")
+    assert runtime.async_queue is not None
+    (tmp_path / "inbox" / "queued.csv").write_text("x\n")
 
-    await wait_for_lines(log, 1)
+    [call] = await wait_for_lines(log, 1)
+    assert call["key"] == "queued.csv"
     await wait_until_idle(runtime)
+    stats = file_trigger(runtime).statistics()
+    assert (stats.invocation, stats.invoked, len(lines(log))) == ("event", 1, 1)
+
+
+async def test_event_invocation_falls_back_to_sync_without_a_durable_queue(
+        make_runtime: MakeRuntime, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "calls.jsonl"
+    runtime = await make_runtime(config_yaml(log, invocation="event"))
+    queue, runtime.async_queue = runtime.async_queue, None  # as when embedded without one
+    try:
+        (tmp_path / "inbox" / "a.csv").write_text("x\n")
+        await wait_for_lines(log, 1)
+        await wait_until_idle(runtime)
+    finally:
+        runtime.async_queue = queue
     assert len(lines(log)) == 1
-    if runtime.async_queue is None:
-        assert file_trigger(runtime).statistics().invocation == "sync"
+    assert file_trigger(runtime).statistics().invocation == "sync"
+    assert "invoking synchronously" in caplog.text
 
 
 def test_an_unknown_event_kind_is_a_config_error(make_config: Callable[[str], Path]) -> None:
