@@ -95,7 +95,9 @@ async def trigger_rate(broker: KafkaBroker, topic: str, records: int, batch_size
     runtime = Runtime(config_module.parse(text, base_dir=state))
     await runtime.start()
     try:
-        await runtime.invoke("count", {"records": {}})  # warm the worker, as in steady state
+        # warm the workers, as in steady state: one per partition
+        await asyncio.gather(*(runtime.invoke("count", {"records": {}})
+                               for _ in range(partitions)))
         trigger = runtime.triggers[0]
         assert isinstance(trigger, KafkaTrigger)
         while not trigger.status()["assigned"]:

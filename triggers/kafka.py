@@ -75,7 +75,7 @@ class KafkaTriggerConfig(TriggerConfig):
                                   description="first wait before a retry; doubles each time")
     on_failure: str | None = Field(None, pattern=DESTINATION_PATTERN,
                                    description="where exhausted batches go; default: the "
-                                               "function's on_failure")
+                                               "function's on_failure, else dlq")
     on_success: str | None = Field(None, pattern=DESTINATION_PATTERN,
                                    description="where successful batch results go; default: "
                                                "the function's on_success")
@@ -273,7 +273,8 @@ class KafkaTrigger(Trigger):
         self._own_destinations: Any = None
         fn = self._function_config()
         self._timeout_s = float(getattr(fn, "timeout_s", 3.0))
-        self._on_failure = self._destinations_for(config.on_failure, fn, "on_failure")
+        # like the durable queue: without a destination, exhausted batches are dead letters
+        self._on_failure = self._destinations_for(config.on_failure, fn, "on_failure") or ["dlq"]
         self._on_success = self._destinations_for(config.on_success, fn, "on_success")
 
     # ---------------------------------------------------------------- config time
@@ -725,7 +726,7 @@ class KafkaTrigger(Trigger):
                                "bootstrapServers": ",".join(self.config.bootstrap_servers),
                                "payloadSize": len(json.dumps(event)),
                                "recordsInfo": info},
-            "payload": event,
+            "requestPayload": event,  # the records themselves: `flowrun dlq` can redrive them
         }
 
     # ---------------------------------------------------------------- status

@@ -124,6 +124,26 @@ class KafkaBroker:
         assert remaining == 0, f"{remaining} records were not delivered"
         return count
 
+    def read(self, topic: str, count: int, partition: int = 0,
+             timeout_s: float = 30) -> list[bytes]:
+        """The first ``count`` values of a partition, read from its beginning."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.unique("r"),
+                             "partition.assignment.strategy": "range",
+                             "enable.auto.commit": False})
+        values: list[bytes] = []
+        try:
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            deadline = time.monotonic() + timeout_s
+            while len(values) < count and time.monotonic() < deadline:
+                message = consumer.poll(0.2)
+                if message is not None and message.error() is None:
+                    values.append(message.value())
+            return values
+        finally:
+            consumer.close()
+
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         """The group's committed offsets by partition (-1001 when none)."""
         from confluent_kafka import Consumer, TopicPartition

@@ -62,3 +62,11 @@ def describe(event, context):
     with open(os.environ["EVENTS_FILE"], "a") as file:
         file.write(json.dumps(event) + "\n")
     return None
+
+
+def shout(event, context):
+    """Upper-case every value; fail the batch on ``poison``."""
+    values = [base64.b64decode(r["value"]).decode() for r in _records(event)]
+    if "poison" in values:
+        raise ValueError("poison")
+    return {"values": [v.upper() for v in values]}

@@ -205,7 +205,7 @@ async def test_a_poison_record_goes_to_the_failure_folder_and_the_partition_move
     assert info["recordsInfo"][f"{topic}-0"]["firstRecordOffset"] == "0"
     assert info["recordsInfo"][f"{topic}-0"]["lastRecordOffset"] == "5"
     failed_values = [base64.b64decode(r["value"])
-                     for r in record["payload"]["records"][f"{topic}-0"]]
+                     for r in record["requestPayload"]["records"][f"{topic}-0"]]
     assert failed_values == values[:6]
     seen = read_offsets(offsets)
     assert seen.count((0, 0)) == 2  # the first try and one retry
@@ -283,6 +283,48 @@ async def test_a_saturated_function_pauses_the_partitions_instead_of_buffering(
     # than two more (one read adds at most one batch): four batches, whatever the backlog
     assert max(buffered) <= 3 * 4 * batch, max(buffered)
     assert len(read_offsets(offsets)) < total  # still far from done: the function is slow
+
+
+async def test_results_and_failures_are_published_to_kafka_topics(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any]) -> None:
+    topic, out, dead = kafka.unique("in"), kafka.unique("out"), kafka.unique("dead")
+    for name in (topic, out, dead):
+        kafka.create_topic(name)
+    kafka.produce(topic, [b"a", b"b", b"poison"], partition=0)
+    await make_runtime(kafka_yaml(
+        kafka, topic, kafka.unique("g"), "shout",
+        function=f"    on_success: kafka:{out}",
+        trigger=f"    batch_size: 2\n    max_retries: 0\n    on_failure: kafka:{dead}"))
+    [success] = [json.loads(v) for v in await asyncio.to_thread(kafka.read, out, 1)]
+    assert success["requestContext"]["condition"] == "Success"
+    assert success["responsePayload"] == {"values": ["A", "B"]}
+    [failure] = [json.loads(v) for v in await asyncio.to_thread(kafka.read, dead, 1)]
+    assert failure["requestContext"]["condition"] == "RetryAttemptsExhausted"
+    assert failure["KafkaBatchInfo"]["recordsInfo"][f"{topic}-0"]["firstRecordOffset"] == "2"
+
+
+async def test_a_second_daemon_in_the_group_takes_partitions_over_and_nothing_is_lost(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    topic, group = kafka.unique("rebalance"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=4)
+    total = 2_000
+    kafka.produce(topic, (b"r%d" % i for i in range(total)), partitions=4)
+    offsets = tmp_path / "offsets.txt"
+    options = {"env": {"OFFSETS_FILE": str(offsets), "SLEEP_S": "0.05"},
+               "trigger": "    batch_size: 20"}
+    first = await make_runtime(kafka_yaml(kafka, topic, group, "record_offsets",
+                                          state_dir="state-1", **options))
+    await wait_until(lambda: len(read_offsets(offsets)) >= 200, what="the first records")
+    second = await make_runtime(kafka_yaml(kafka, topic, group, "record_offsets",
+                                           state_dir="state-2", **options))
+    a, b = kafka_trigger(first), kafka_trigger(second)
+    await wait_until(lambda: bool(b.status()["assigned"]), what="the second member's share")
+    await wait_until(lambda: set(read_offsets(offsets)) >= expected(4, total),
+                     what="every record")
+    assert set(a.status()["assigned"]).isdisjoint(b.status()["assigned"])
+    assert a.status()["state"] == b.status()["state"] == "running"
+    await wait_until(lambda: kafka.committed(group, topic, 4) == {p: total // 4 for p in range(4)},
+                     what="every offset committed")
 
 
 # --------------------------------------------------------------------------- the daemon
