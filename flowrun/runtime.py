@@ -83,6 +83,10 @@ class Runtime:
         self.start_triggers = start_triggers
         self.serve_api = serve_api
         self.run_queue = run_queue  # False: queue async work durably for the daemon to run
+        if limiter is None:  # cgroups, namespaces, user, rlimits: what this host allows
+            from sandbox.limits.detect import default_limiter
+
+            limiter = default_limiter()
         self.pool = WorkerPool(limiter)
         self.dispatcher = Dispatcher(config.functions, self.pool, config.billing)
         self.ledger = Ledger(self.state_dir / "ledger.db")
@@ -139,6 +143,7 @@ class Runtime:
         if self._started:
             return
         self._started = True
+        self.dispatcher.accepting = True
         self.started_at = time.time()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ledger.open()

@@ -118,6 +118,9 @@ class WorkerProcess:
         env["FLOWRUN_FD_IN"] = str(to_worker_r)
         env["FLOWRUN_FD_OUT"] = str(from_worker_w)
         env["FLOWRUN_LIMITS"] = rlimits.encode(self._limiter.rlimits(self.spec.settings))
+        worker_environment = getattr(self._limiter, "worker_environment", None)
+        if worker_environment is not None:  # e.g. FLOWRUN_ENTER: namespaces, scratch, user
+            env.update(worker_environment(self.spec.settings))
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
         )

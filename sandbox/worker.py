@@ -234,8 +234,13 @@ def main() -> None:
     fd_in = int(os.environ.pop("FLOWRUN_FD_IN"))
     fd_out = int(os.environ.pop("FLOWRUN_FD_OUT"))
     os.environ.pop("FLOWRUN_LIMITS", None)
+    role = os.environ.pop("FLOWRUN_ENTER", None)
     root = logging.getLogger()
     worker = Worker(fd_in, fd_out)
+    if role:  # namespaces, private scratch, another user: before any user code is imported
+        from sandbox.limits import enter
+
+        enter.apply(json.loads(role))
     root.addHandler(_LambdaLogHandler(worker))
     root.setLevel(os.environ.get("AWS_LAMBDA_LOG_LEVEL", "INFO").upper())
     worker.serve()

@@ -188,7 +188,9 @@ class LinuxLimiter:
         default = user.resolve(None)
         return {
             "network": "network namespace for none/loopback (loopback: the worker's own)",
-            "user": f"permissions.user, default {default.name if default else 'root'}",
+            "user": "permissions.user, default " + (
+                default.name if default else
+                "the daemon's own (no dedicated 'flowrun' user on this host)"),
             "fsize": f"rlimit {rlimits.FSIZE_BYTES // cgroupfs.MIB} MB per file",
             "scratch": "private tmpfs of ephemeral_storage_mb per worker (mount namespace)",
             "state_dir": "hidden from workers (empty tmpfs over it in their mount namespace)",

@@ -1,7 +1,11 @@
 """``permissions.user``: the unprivileged account a worker runs as (root daemons only).
 
-The default is a dedicated ``flowrun`` account when the host has one, else ``nobody``;
-``user: root`` keeps the daemon's identity. Dropping to another user must not cost the
+The default is a dedicated ``flowrun`` account when the host has one (``useradd --system
+flowrun``, then give it the folders its functions read and write). Without one, the worker
+keeps the daemon's identity — a function reading a trigger's input file or writing an
+outbox folder owned by root would otherwise break on upgrade — and ``flowrun status``
+says so; set ``permissions.user: nobody`` to drop anyway. ``user: root`` keeps the
+daemon's identity explicitly. Dropping to another user must not cost the
 worker its interpreter or its code: folders it needs (the Python installation, the code
 folder, the sandbox package) but cannot reach as that user — say under a 0700 ``/root`` or a
 test's private temp folder — are exposed inside the worker's private mount namespace, under
@@ -22,7 +26,7 @@ from pathlib import Path
 from sandbox.limits import syscalls
 
 DEDICATED = "flowrun"
-FALLBACK = "nobody"
+FALLBACK: str | None = None  # "nobody" would drop every function by default
 COVER_OPTIONS = "size=1m,mode=0755"
 
 
@@ -35,7 +39,7 @@ class Account:
 
 def resolve(name: str | None) -> Account | None:
     """The account to run as, or None to keep the daemon's (``root``, or unknown default)."""
-    candidates = [name] if name else [DEDICATED, FALLBACK]
+    candidates = [name] if name else [c for c in (DEDICATED, FALLBACK) if c]
     for candidate in candidates:
         try:
             entry = pwd.getpwnam(candidate) if not candidate.isdigit() else pwd.getpwuid(int(candidate))

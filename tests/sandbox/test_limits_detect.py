@@ -91,4 +91,4 @@ def test_flowrun_status_describes_what_this_host_enforces():
     described = describe_host()
     assert described["memory"].startswith("cgroup v1")
     assert described["pids"].startswith("cgroup v1")
-    assert "nobody" in described["user"]
+    assert described["user"].startswith("permissions.user")

@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from flowrun.runtime import lambda_environment
+from sandbox.limits import user
 
 CONFIG = """
 state_dir: state
 functions:
-  who: {handler: limits_handlers.identity, code: "{functions}", environment: {COLOUR: blue}}
+  who: {handler: limits_handlers.identity, code: "{functions}", environment: {COLOUR: blue},
+        permissions: {user: nobody}}
+  default: {handler: limits_handlers.identity, code: "{functions}"}
   rooted: {handler: limits_handlers.identity, code: "{functions}", permissions: {user: root}}
   offline: {handler: limits_handlers.connect, code: "{functions}", permissions: {network: none}}
   local: {handler: limits_handlers.connect, code: "{functions}",
@@ -21,7 +24,8 @@ functions:
   online: {handler: limits_handlers.connect, code: "{functions}"}
   scratch: {handler: limits_handlers.write_scratch, code: "{functions}",
             ephemeral_storage_mb: 4, memory_mb: 256}
-  reader: {handler: limits_handlers.read_paths, code: "{functions}"}
+  reader: {handler: limits_handlers.read_paths, code: "{functions}", permissions: {user: nobody}}
+  root_reader: {handler: limits_handlers.read_paths, code: "{functions}"}
 """
 
 # Set by the interpreter itself at start-up (PEP 538 locale coercion) and by the pool.
@@ -46,12 +50,31 @@ async def daemon_port() -> AsyncIterator[int]:
     await server.wait_closed()
 
 
-async def test_a_worker_runs_as_an_unprivileged_user_unless_told_otherwise(make_runtime):
+async def test_a_worker_runs_as_the_user_its_permissions_name(make_runtime):
     runtime = await make_runtime(CONFIG)
     who = (await runtime.invoke("who", {})).payload
     rooted = (await runtime.invoke("rooted", {})).payload
-    assert (who["uid"], who["gid"]) == (65534, 65534)  # nobody: no dedicated flowrun user here
+    assert (who["uid"], who["gid"]) == (65534, 65534)
     assert rooted["uid"] == 0
+
+
+async def test_without_a_dedicated_flowrun_user_the_default_keeps_the_daemons_user(make_runtime):
+    assert not user.resolve(None), "this host has a flowrun user; the default would use it"
+    runtime = await make_runtime(CONFIG)
+    assert (await runtime.invoke("default", {})).payload["uid"] == 0
+    assert "no dedicated 'flowrun' user" in runtime.status()["limits"]["user"]
+
+
+async def test_a_worker_as_nobody_imports_its_code_from_a_private_temp_folder(make_runtime,
+                                                                             tmp_path):
+    code = tmp_path / "code"  # under pytest's 0700 temp root: unreachable for nobody
+    code.mkdir()
+    (code / "private.py").write_text("import os\ndef handler(e, c):\n    return os.getuid()\n")
+    runtime = await make_runtime(CONFIG + f"""
+  private: {{handler: private.handler, code: "{code}", permissions: {{user: nobody}}}}
+""")
+    result = await runtime.invoke("private", {})
+    assert (result.status, result.payload) == ("success", 65534)
 
 
 async def test_the_environment_holds_only_the_declared_and_lambdas_variables(make_runtime):
@@ -107,6 +130,14 @@ async def test_a_function_cannot_read_the_state_folder_the_ledger_or_other_scrat
     assert result[str(state)] == "EACCES"
     assert all(result[p] in ("EACCES", "ENOENT") for p in paths), result
     assert oct(state.stat().st_mode & 0o777) == "0o700"
+
+
+async def test_even_a_worker_left_as_root_does_not_see_the_ledger(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    state = runtime.state_dir
+    paths = [str(state / "ledger.db"), str(state / "logs")]
+    result = (await runtime.invoke("root_reader", {"paths": paths})).payload
+    assert result == {p: "ENOENT" for p in paths}
 
 
 async def test_a_function_cannot_read_another_workers_environment(make_runtime):
