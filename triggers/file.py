@@ -56,7 +56,8 @@ MAX_IN_FLIGHT = 64  # deliveries running at once (invoking, retrying or being th
 
 class FileTriggerConfig(TriggerConfig):
     path: str = Field(description="folder to watch, relative to the config file's folder")
-    patterns: list[str] = Field(["*"], description="file names (or relative paths) to take")
+    patterns: list[str] = Field(["*"], min_length=1,
+                                description="file names (or relative paths) to take")
     ignore_patterns: list[str] = Field(
         list(DEFAULT_IGNORE_PATTERNS),
         description="names to skip; matched against every path component (editor temp files)")

@@ -190,6 +190,23 @@ async def test_patterns_ignore_patterns_and_recursion_choose_the_files(
                             ("flat", "a.csv")]
 
 
+async def test_files_and_folders_moved_in_from_outside_are_invoked(
+        make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    (staging / "batch" / "deeper").mkdir(parents=True)
+    (staging / "single.csv").write_text("1\n")
+    (staging / "batch" / "one.csv").write_text("2\n")
+    (staging / "batch" / "deeper" / "two.csv").write_text("3\n")
+    log = tmp_path / "calls.jsonl"
+    runtime = await make_runtime(config_yaml(log, recursive=True))
+    os.rename(staging / "single.csv", tmp_path / "inbox" / "single.csv")
+    os.rename(staging / "batch", tmp_path / "inbox" / "batch")
+
+    await wait_for_lines(log, 3)
+    await wait_until_idle(runtime)
+    assert keys(log) == ["batch/deeper/two.csv", "batch/one.csv", "single.csv"]
+
+
 async def test_removing_a_file_gives_a_removed_event_when_configured(
         make_runtime: MakeRuntime, tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
