@@ -322,8 +322,10 @@ class KafkaTrigger(Trigger):
         if self._consumer is not None:
             await self._revoke(list(self._partitions))
             consumer, self._consumer = self._consumer, None
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            try:  # leaves the group, so the partitions move to others at once
+                await asyncio.wait_for(consumer.stop(), self.config.request_timeout_ms / 1000)
+            except Exception as exc:
+                self._error(f"stop: {exc!r}")
         if self._orphans:
             await asyncio.wait(self._orphans, timeout=self._timeout_s + 1)
             for task in self._orphans:
@@ -353,6 +355,9 @@ class KafkaTrigger(Trigger):
             consumer = self._new_consumer()
             try:
                 await consumer.start()
+            except asyncio.CancelledError:
+                await asyncio.shield(consumer.stop())
+                raise
             except KafkaError as exc:
                 self._error(f"cannot connect to {','.join(self.config.bootstrap_servers)}: "
                             f"{exc}")

@@ -327,6 +327,57 @@ async def test_a_second_daemon_in_the_group_takes_partitions_over_and_nothing_is
                      what="every offset committed")
 
 
+async def test_a_topic_pattern_consumes_every_matching_topic(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    prefix = kafka.unique("pattern")
+    for suffix in ("a", "b", "other"):
+        kafka.create_topic(f"{prefix}-{suffix}" if suffix != "other" else f"x{prefix}")
+    kafka.produce(f"{prefix}-a", [b"1", b"2"], partition=0)
+    kafka.produce(f"{prefix}-b", [b"3"], partition=0)
+    kafka.produce(f"x{prefix}", [b"not me"], partition=0)
+    events = tmp_path / "events.jsonl"
+    text = kafka_yaml(kafka, "unused", kafka.unique("g"), "describe",
+                      env={"EVENTS_FILE": str(events)}, trigger="    batch_window_ms: 100")
+    text = text.replace("    topics: [unused]\n", f"    topic_pattern: '^{prefix}-.*'\n")
+    runtime = await make_runtime(text)
+
+    def topics_seen() -> dict[str, int]:
+        seen: dict[str, int] = collections.Counter()
+        if events.exists():
+            for line in events.read_text().splitlines():
+                for key, records in json.loads(line)["records"].items():
+                    seen[key] += len(records)
+        return dict(seen)
+
+    await wait_until(lambda: topics_seen() == {f"{prefix}-a-0": 2, f"{prefix}-b-0": 1},
+                     what="both matching topics")
+    assert kafka_trigger(runtime).status()["topics"] == f"^{prefix}-.*"
+
+
+async def test_an_unreachable_broker_is_retried_and_reported_in_status(
+        make_runtime: Callable[..., Any]) -> None:
+    from tests.brokers.kafka import free_port
+
+    port = free_port()  # nothing listens there
+    runtime = await make_runtime(f"""
+    functions:
+      f:
+        handler: kafka_handlers.record_offsets
+        code: {{functions}}
+    triggers:
+      - type: kafka
+        function: f
+        bootstrap_servers: 127.0.0.1:{port}
+        topics: [nowhere]
+    """)
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: trigger.status()["last_error"] is not None, what="an error")
+    status = trigger.status()
+    assert status["state"] == "connecting"
+    assert f"127.0.0.1:{port}" in status["last_error"]
+    assert runtime.status()["triggers"][0]["state"] == "connecting"
+
+
 # --------------------------------------------------------------------------- the daemon
 
 
