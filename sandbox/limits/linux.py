@@ -126,7 +126,7 @@ class LinuxLimiter:
         permissions = settings.get("permissions") or {}
         spec = {
             "network": permissions.get("network", "full"),
-            "user": account.__dict__ if account else None,
+            "user": account._asdict() if account else None,
             "expose": [str(p) for p in (settings.get("code"), PACKAGE_ROOT, state_dir) if p],
             "state_dir": state_dir,
             "scratch": settings.get("tmp_dir"),

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import socket
 import struct
 
 from sandbox.limits import syscalls
@@ -32,6 +30,9 @@ def unshare_flags(mode: str) -> int:
 
 def bring_loopback_up() -> None:
     """``ip link set lo up``, by ioctl on a socket of the current namespace."""
+    import fcntl
+    import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH22x", b"lo", 0)
         flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
