@@ -131,6 +131,23 @@ def test_a_batch_size_over_ten_thousand_is_a_config_error(
     assert "batch_size" in str(info.value) and "10000" in str(info.value)
 
 
+def test_the_event_text_written_directly_equals_the_event_as_data() -> None:
+    from aiokafka import ConsumerRecord
+
+    from triggers.kafka import kafka_event, kafka_event_json
+
+    def record(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+               headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(topic, partition, offset, 1_700_000_000_000 + offset, offset % 2,
+                              key, value, None, 0, 0, headers)
+
+    records = [record("t\u00e9\"q", 0, 5, b"k", b"\x00\xff", [("h\u00fc", b"ab"), ("e", b"")]),
+               record("t\u00e9\"q", 0, 6, None, b"v", []),
+               record("t\u00e9\"q", 1, 0, b"", None, [])]
+    servers = ["127.0.0.1:9092", "b:1"]
+    assert json.loads(kafka_event_json(records, servers)) == kafka_event(records, servers)
+
+
 # --------------------------------------------------------------------------- delivery
 
 
