@@ -28,6 +28,7 @@ CPU_PERIOD_US = 100_000
 MB_PER_CPU = 1769  # as on Lambda: 1,769 MB of memory buys one full vCPU
 MIN_QUOTA_US = 1000  # the kernel's floor for a CFS quota
 _BASE = re.compile(r"^flowrun-(\d+)$")
+UNIFIED = "unified"  # the cgroup2 hierarchy itself, even with no controller of ours in it
 
 
 def version_module(version: int) -> ModuleType:
@@ -80,7 +81,7 @@ class CgroupTree:
         self.name = f"flowrun-{self.pid}"
         self.controllers: dict[str, Controller] = {}
         for name in controllers:
-            controller = host.controllers.get(name)
+            controller = host.unified if name == UNIFIED else host.controllers.get(name)
             if controller is not None and host.writable(controller):
                 self.controllers[name] = controller
         self._prepared: set[Path] = set()
@@ -92,7 +93,8 @@ class CgroupTree:
 
     def prepare(self) -> None:
         """Create the bases (once), removing leftovers of dead daemons next to them."""
-        v2_names = [n for n, c in self.controllers.items() if c.version == 2 and n != "cpuacct"]
+        v2_names = [n for n, c in self.controllers.items()
+                    if c.version == 2 and n not in ("cpuacct", UNIFIED)]
         for name, controller in list(self.controllers.items()):
             base = self.base(controller)
             if base in self._prepared:
@@ -125,9 +127,11 @@ class CgroupTree:
                     removed += 1
         return removed
 
-    def directories(self, worker_id: str) -> dict[str, tuple[int, Path]]:
-        """Controller → (version, directory) of one worker's cgroups."""
-        return {name: (c.version, self.base(c) / worker_id) for name, c in self.controllers.items()}
+    def directories(self, worker_id: str, unified: bool = False) -> dict[str, tuple[int, Path]]:
+        """Controller → (version, directory) of one worker's cgroups; the controller-less
+        cgroup2 one (for BPF programs) only when ``unified``."""
+        return {name: (c.version, self.base(c) / worker_id) for name, c in self.controllers.items()
+                if unified or name != UNIFIED}
 
     def remove_later(self, directory: Path) -> None:
         self._pending.append(directory)
@@ -149,12 +153,15 @@ class CgroupTree:
 class WorkerCgroups:
     """The ``Placement`` of one worker: its cgroups, limits, counters and clean-up."""
 
-    def __init__(self, tree: CgroupTree, worker_id: str, limits: WorkerLimits) -> None:
+    def __init__(self, tree: CgroupTree, worker_id: str, limits: WorkerLimits,
+                 attach: Callable[[Path], None] | None = None) -> None:
+        """``attach``: called with the worker's cgroup2 directory (e.g. to attach BPF
+        programs) before any process joins it."""
         self.tree = tree
         self.limits = limits
         tree.retry_pending()
         tree.prepare()
-        by_controller = tree.directories(worker_id)
+        by_controller = tree.directories(worker_id, unified=attach is not None)
         self.dirs: dict[Path, int] = {}  # each distinct directory once, with its version
         for version, directory in by_controller.values():
             self.dirs[directory] = version
@@ -169,6 +176,11 @@ class WorkerCgroups:
         self._quota_applied = False
         try:
             self._create()
+            if attach is not None:
+                unified = by_controller.get(UNIFIED)
+                if unified is None:
+                    raise OSError("no cgroup2 directory to attach to")
+                attach(unified[1])
         except BaseException:
             self.release()
             raise

@@ -23,6 +23,7 @@ from sandbox.limits import cgroupfs, rlimits, scratch, user
 from sandbox.limits.cgroups import (
     CPU_PERIOD_US,
     MB_PER_CPU,
+    UNIFIED,
     CgroupTree,
     WorkerCgroups,
     WorkerLimits,
@@ -30,6 +31,7 @@ from sandbox.limits.cgroups import (
     quota_us,
 )
 from sandbox.limits.detect import CONTROLLERS, Host, detect
+from sandbox.limits.loopback_bpf import LoopbackOnly
 
 log = logging.getLogger("flowrun.limits")
 
@@ -64,9 +66,11 @@ class LinuxLimiter:
                  make_dir: Callable[[Path], None] | None = None) -> None:
         self.host = host or detect()
         self.privileged = self.host.privileged
-        self.tree = CgroupTree(self.host, CONTROLLERS, make_dir=make_dir)
+        hierarchies = (*CONTROLLERS, UNIFIED) if self.privileged else CONTROLLERS
+        self.tree = CgroupTree(self.host, hierarchies, make_dir=make_dir)
         if create:
             self.tree.prepare()
+        self._loopback: LoopbackOnly | None | bool = False  # False: not tried yet
         self._own_processes: int | None = None
         self._secured: set[str] = set()
 
@@ -86,6 +90,21 @@ class LinuxLimiter:
             init_quota_us=quota_us(max(share, 1.0)),
         )
 
+    def loopback_filter(self) -> LoopbackOnly | None:
+        """The BPF programs keeping ``network: loopback`` on 127.0.0.1, if this host can."""
+        if self._loopback is False:
+            self._loopback = None
+            if self.privileged and UNIFIED in self.tree.controllers:
+                try:
+                    self._loopback = LoopbackOnly()
+                except OSError as exc:
+                    log.warning("network: loopback falls back to a namespace of its own: %s", exc)
+        return self._loopback if isinstance(self._loopback, LoopbackOnly) else None
+
+    @staticmethod
+    def network_mode(settings: Mapping[str, Any]) -> str:
+        return str((settings.get("permissions") or {}).get("network", "full"))
+
     def account_for(self, settings: Mapping[str, Any]) -> user.Account | None:
         if not self.privileged:
             return None
@@ -97,7 +116,13 @@ class LinuxLimiter:
     def placement(self, function: str, worker_id: str, settings: Mapping[str, Any]) -> Placement:
         if not self.tree.controllers:
             return NullPlacement()
-        return WorkerCgroups(self.tree, worker_id, self.limits_for(settings))
+        attach = None
+        if self.network_mode(settings) == "loopback":
+            loopback = self.loopback_filter()
+            if loopback is not None:
+                def attach(directory: Path, programs: LoopbackOnly = loopback) -> None:
+                    programs.attach(str(directory))
+        return WorkerCgroups(self.tree, worker_id, self.limits_for(settings), attach)
 
     def rlimits(self, settings: Mapping[str, Any]) -> dict[str, int]:
         storage_mb = int(settings.get("ephemeral_storage_mb", 512))
@@ -123,9 +148,11 @@ class LinuxLimiter:
         if state_dir and state_dir not in self._secured:
             os.chmod(state_dir, 0o700)
             self._secured.add(state_dir)
-        permissions = settings.get("permissions") or {}
+        network = self.network_mode(settings)
+        if network == "loopback" and self.loopback_filter() is not None:
+            network = "full"  # the host's network, with BPF refusing all but 127.0.0.1 / ::1
         spec = {
-            "network": permissions.get("network", "full"),
+            "network": network,
             "user": account._asdict() if account else None,
             "expose": [str(p) for p in (settings.get("code"), PACKAGE_ROOT, state_dir) if p],
             "state_dir": state_dir,
@@ -187,7 +214,10 @@ class LinuxLimiter:
                     "state_dir": "readable by workers (same user)"}
         default = user.resolve(None)
         return {
-            "network": "network namespace for none/loopback (loopback: the worker's own)",
+            "network": "none: empty network namespace; loopback: " + (
+                "the host's 127.0.0.1/::1 only (cgroup BPF connect/sendmsg filter)"
+                if self.loopback_filter() is not None else
+                "a network namespace with its own loopback (no cgroup2 for BPF)"),
             "user": "permissions.user, default " + (
                 default.name if default else
                 "the daemon's own (no dedicated 'flowrun' user on this host)"),

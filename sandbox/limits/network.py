@@ -2,8 +2,10 @@
 
 - ``none``: a new, empty network namespace; its loopback stays down, so nothing connects,
   not even to 127.0.0.1.
-- ``loopback``: a new network namespace with its own loopback up: the function may talk to
-  itself (and its child processes) over 127.0.0.1, but reaches no other host or daemon.
+- ``loopback``: the host's 127.0.0.1 and ::1 only — the local broker, the daemon's API —
+  enforced by cgroup BPF programs (``sandbox.limits.loopback_bpf``). Where those cannot be
+  attached (no cgroup2 mount), a new network namespace with its own loopback up: the
+  function may then talk only to itself over 127.0.0.1.
 - ``full``: the host's network.
 """
 

@@ -77,7 +77,18 @@ def connect(event, context):
             own = _connect(server.getsockname()[1])
     except OSError as exc:
         own = _error_name(exc)
-    return {"daemon_port": _connect(int(event["port"])), "own_port": own}
+    outcome = {"daemon_port": _connect(int(event["port"])), "own_port": own}
+    if event.get("outside"):  # an address beyond the box (TEST-NET-1: nothing answers)
+        outcome["outside"] = _connect_to(event["outside"], 80)
+    return outcome
+
+
+def _connect_to(host: str, port: int) -> str:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return "ok"
+    except OSError as exc:
+        return _error_name(exc) if exc.errno else type(exc).__name__
 
 
 def write_scratch(event, context):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from flowrun.runtime import lambda_environment
 from sandbox.limits import user
+from sandbox.limits.detect import Host, detect
+from sandbox.limits.linux import LinuxLimiter
+from sandbox.limits.loopback_bpf import LoopbackOnly
 
 CONFIG = """
 state_dir: state
@@ -97,12 +105,12 @@ async def test_a_connect_to_127_0_0_1_fails_under_network_none(make_runtime, dae
     assert result["own_port"] != "ok"
 
 
-async def test_loopback_lets_a_function_talk_to_itself_but_not_to_the_daemons_ports(
+async def test_a_connect_to_127_0_0_1_works_under_loopback_and_nothing_beyond_it_does(
         make_runtime, daemon_port):
     runtime = await make_runtime(CONFIG)
-    result = (await runtime.invoke("local", {"port": daemon_port})).payload
-    assert result["own_port"] == "ok"
-    assert result["daemon_port"] == "ECONNREFUSED"  # its own 127.0.0.1 has nothing there
+    result = (await runtime.invoke("local", {"port": daemon_port, "outside": "192.0.2.1"})).payload
+    assert result == {"daemon_port": "ok", "own_port": "ok", "outside": "EPERM"}
+    assert "BPF" in runtime.status()["limits"]["network"]
 
 
 async def test_full_network_reaches_the_daemons_127_0_0_1(make_runtime, daemon_port):
@@ -145,3 +153,69 @@ async def test_a_function_cannot_read_another_workers_environment(make_runtime):
     other = (await runtime.invoke("who", {})).payload["pid"]
     result = (await runtime.invoke("reader", {"paths": [f"/proc/{other}/environ"]})).payload
     assert result[f"/proc/{other}/environ"] == "EACCES"
+
+
+async def test_without_cgroup2_loopback_falls_back_to_a_namespace_of_its_own(make_runtime,
+                                                                            daemon_port):
+    host = detect()
+    limiter = LinuxLimiter(host=Host(host.controllers, None, host.privileged))
+    runtime = await make_runtime(CONFIG, limiter=limiter)
+    result = (await runtime.invoke("local", {"port": daemon_port})).payload
+    assert result == {"daemon_port": "ECONNREFUSED", "own_port": "ok"}
+    assert "its own loopback" in limiter.describe()["network"]
+
+
+PROBE = """
+import socket, sys
+def tcp(family, address):
+    try:
+        with socket.socket(family) as s:
+            s.settimeout(1)
+            s.connect(address)
+        return "ok"
+    except OSError as exc:
+        return exc.errno
+def udp(address):
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", address)
+        return "ok"
+    except OSError as exc:
+        return exc.errno
+sys.stdin.readline()
+v4, v6 = int(sys.argv[1]), int(sys.argv[2])
+print(repr([tcp(socket.AF_INET, ("127.0.0.1", v4)), tcp(socket.AF_INET6, ("::1", v6)),
+            tcp(socket.AF_INET6, ("::ffff:127.0.0.1", v4)), tcp(socket.AF_INET6, ("2001:db8::1", 80)),
+            tcp(socket.AF_INET6, ("::ffff:192.0.2.1", 80)), tcp(socket.AF_INET, ("192.0.2.1", 80)),
+            udp(("127.0.0.1", 9)), udp(("192.0.2.1", 53))]))
+"""
+
+
+def test_the_loopback_bpf_filter_allows_127_0_0_0_8_and_ipv6_loopback_only():
+    unified = detect().unified
+    assert unified is not None
+    programs = LoopbackOnly()
+    cgroup = unified.directory / f"flowrun-test-{os.getpid()}"
+    cgroup.mkdir()
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6:
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::1", 0))
+        v4.listen()
+        v6.listen()
+        try:
+            programs.attach(str(cgroup))
+            probe = subprocess.Popen(
+                [sys.executable, "-c", PROBE, str(v4.getsockname()[1]), str(v6.getsockname()[1])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            (cgroup / "cgroup.procs").write_text(str(probe.pid))
+            out, _ = probe.communicate("go\n", timeout=20)
+        finally:
+            programs.close()
+            for _ in range(100):
+                try:
+                    cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.01)
+    eperm = errno.EPERM
+    assert out.strip() == repr(["ok", "ok", "ok", eperm, eperm, eperm, "ok", eperm])
