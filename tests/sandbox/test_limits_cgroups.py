@@ -124,10 +124,13 @@ async def test_cpus_overrides_the_share_that_follows_memory(make_runtime):
     await runtime.invoke("fast", {"seconds": 0})
     placement = worker_of(runtime, "fast").placement
     started = time.monotonic()
-    await runtime.invoke("fast", {"seconds": 1.0})
-    share = placement.cpu_usage_ms() / 1000 / (time.monotonic() - started)
+    result = await runtime.invoke("fast", {"seconds": 1.0})
+    cgroup_ms = placement.cpu_usage_ms()
+    share = cgroup_ms / 1000 / (time.monotonic() - started)
     assert int((placement.cpu[1] / "cpu.cfs_quota_us").read_text()) == 100_000
     assert share > 0.3  # a shared, noisy machine: far above the 128 MB share is enough
+    worker_ms = result.cpu_user_ms + result.cpu_system_ms  # what the ledger records
+    assert abs(worker_ms - cgroup_ms) < 0.25 * cgroup_ms + 30, (worker_ms, cgroup_ms)
 
 
 async def test_cgroups_are_removed_when_the_workers_go(make_runtime):

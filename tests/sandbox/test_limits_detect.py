@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from sandbox.limits.detect import describe_host, detect, parse_mountinfo, parse_proc_cgroup
@@ -92,3 +95,30 @@ def test_flowrun_status_describes_what_this_host_enforces():
     assert described["memory"].startswith("cgroup v1")
     assert described["pids"].startswith("cgroup v1")
     assert described["user"].startswith("permissions.user")
+
+
+async def test_without_cgroups_an_allocation_past_the_address_space_cap_fails(make_runtime,
+                                                                              tmp_path):
+    limiter = LinuxLimiter(host=detect(write_proc(tmp_path, "", ""), privileged=False))
+    runtime = await make_runtime("""
+state_dir: state
+functions:
+  hog: {handler: limits_handlers.allocate, code: "{functions}", memory_mb: 128}
+""", limiter=limiter)
+    assert (await runtime.invoke("hog", {"mb": 16})).status == "success"
+    result = await runtime.invoke("hog", {"mb": 2048})
+    assert (result.status, result.error_type) == ("error", "MemoryError")
+    assert runtime.status()["limits"]["memory"].startswith("rlimit AS")
+
+
+def test_flowrun_status_without_a_daemon_lists_the_limits_of_this_host(make_config):
+    path = make_config("""
+state_dir: state
+functions:
+  echo: {handler: handlers.echo, code: "{functions}"}
+""")
+    out = subprocess.run([sys.executable, "-m", "flowrun.cli", "status", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "not running" in out
+    assert re.search(r"memory\s+cgroup v1", out), out
+    assert re.search(r"pids\s+cgroup v1", out), out
