@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from flowrun import config as config_module
@@ -348,3 +350,40 @@ async def test_a_kill_during_a_burst_of_enqueues_leaves_an_intact_database_with_
         assert db.execute("SELECT count(*) FROM queue").fetchone()[0] >= acked
     finally:
         db.close()
+
+
+async def test_the_invoke_api_answers_a_full_queue_with_429(make_runtime, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    text = f"api: {{listen: '127.0.0.1:{port}'}}\n" + config_text(tmp_path, async_queue_size=2)
+    await make_runtime(text, run_queue=False)
+    url = f"http://127.0.0.1:{port}/2015-03-31/functions/fn/invocations"
+    headers = {"X-Amz-Invocation-Type": "Event"}
+    async with aiohttp.ClientSession() as session:
+        statuses = []
+        for _ in range(3):
+            async with session.post(url, data=b"{}", headers=headers) as answer:
+                statuses.append(answer.status)
+                body = await answer.json(content_type=None) if answer.status != 202 else None
+    assert statuses == [202, 202, 429]
+    assert body is not None and "async_queue_size" in json.dumps(body)
+
+
+def test_flowrun_status_without_a_daemon_shows_queued_work_and_pipelines(make_config, tmp_path):
+    text = config_text(tmp_path, on_success="function:next") + (
+        '  next: {"handler": "handlers.noop", "code": "{functions}"}\n')
+    path = make_config(text)
+
+    async def queue_two() -> None:
+        async with Runtime(config_module.load(path), run_queue=False) as runtime:
+            await runtime.invoke("fn", {}, mode="event")
+            await runtime.invoke("fn", {}, mode="event")
+
+    asyncio.run(queue_two())
+    done = subprocess.run([sys.executable, "-m", "flowrun.cli", "status", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "pipeline fn:" in done.stdout
+    step = next(line for line in done.stdout.splitlines() if line.strip().startswith("fn "))
+    assert "-> next" in step and "queued=2" in step
