@@ -141,8 +141,22 @@ def detect(proc: str | os.PathLike[str] = "/proc/self", *,
         if "cpuacct" not in found:  # cpu.stat usage_usec exists in every v2 cgroup
             found["cpuacct"] = Controller("cpuacct", 2, v2.target, unified.current)
     if privileged is None:
-        privileged = os.geteuid() == 0
+        privileged = os.geteuid() == 0 and _has_sys_admin(proc)
     return Host(found, unified, privileged)
+
+
+CAP_SYS_ADMIN = 21
+
+
+def _has_sys_admin(proc: Path) -> bool:
+    """Root in a container often lacks CAP_SYS_ADMIN: no namespaces or mounts there."""
+    try:
+        for line in (proc / "status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _controller_text(host: Host, name: str, what: str) -> str:

@@ -18,9 +18,15 @@ from sandbox.limits import network, scratch, syscalls, user
 
 def apply(spec: dict[str, Any]) -> None:
     mode = spec.get("network", "full")
-    flags = syscalls.CLONE_NEWNS | network.unshare_flags(mode)
-    syscalls.unshare(flags)
-    syscalls.make_mounts_private()
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNS | network.unshare_flags(mode))
+        syscalls.make_mounts_private()
+    except OSError as exc:
+        if network.needs_namespace(mode):
+            raise  # a `network: none` function never runs with the host's network
+        print(f"flowrun: no mount namespace for this worker, running without its role: {exc}",
+              file=sys.__stderr__)
+        return
     account = user.Account(**spec["user"]) if spec.get("user") else None
     uid, gid = (account.uid, account.gid) if account else (0, 0)
     if account is not None:

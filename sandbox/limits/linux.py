@@ -207,8 +207,8 @@ class LinuxLimiter:
 
     def _describe_role(self) -> dict[str, str]:
         if not self.privileged:
-            return {"network": "not enforced (needs root)",
-                    "user": "the daemon's own (not root)",
+            return {"network": "not enforced (needs root with CAP_SYS_ADMIN)",
+                    "user": "the daemon's own (switching needs root with CAP_SYS_ADMIN)",
                     "fsize": "rlimit FSIZE = ephemeral_storage_mb per file",
                     "scratch": "TMPDIR folder, files capped by RLIMIT_FSIZE (no tmpfs without root)",
                     "state_dir": "readable by workers (same user)"}
