@@ -123,7 +123,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
             sys.stderr.write(base64.b64decode(lowered["x-amz-log-result"]).decode())
         sys.stdout.write(body.decode() + ("\n" if body and not body.endswith(b"\n") else ""))
-        if status == 202:
+        if status == 202:  # the same answer as queueing without a daemon
+            print(json.dumps({"StatusCode": 202, "RequestId": lowered.get("x-amzn-requestid")}))
             return 0
         return 0 if status < 300 and "x-amz-function-error" not in lowered else 1
     return asyncio.run(_invoke_locally(config, args.name, payload, args.async_, args.logs))
@@ -213,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         status["limits"] = detect.describe_host()
         from flowrun import pipeline, queue
 
-        status["queues"] = queue.pending_counts(config.state_dir)
+        status["queues"] = queue.pending_counts(config.state_dir, config.functions)
         status["pipelines"] = pipeline.describe(config, status["queues"])
     else:
         status = {"running": True, **json.loads(answer[2])}

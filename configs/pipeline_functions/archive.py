@@ -1,4 +1,7 @@
-"""Step 2b: keep the parsed records as JSON lines in ARCHIVE_DIR/<file stem>.jsonl."""
+"""Step 2b: keep the parsed records as JSON lines in ARCHIVE_DIR/<file stem>.jsonl.
+
+ARCHIVE_DIR defaults to data/outbox/archive, relative to the config's folder.
+"""
 
 import json
 import os
@@ -9,7 +12,7 @@ from paths import from_config
 
 def handler(event, context):
     parsed = event["responsePayload"]
-    folder = from_config(os.environ.get("ARCHIVE_DIR", "data/archive"))
+    folder = from_config(os.environ.get("ARCHIVE_DIR", "data/outbox/archive"))
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / (Path(parsed["file"]).stem + ".jsonl")
     temp = folder / f".{final.name}.tmp"

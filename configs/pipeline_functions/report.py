@@ -9,7 +9,7 @@ from paths import from_config
 
 def handler(event, context):
     stats = event["responsePayload"]
-    folder = from_config(os.environ.get("REPORT_DIR", "data/reports"))
+    folder = from_config(os.environ.get("REPORT_DIR", "data/outbox/reports"))
     folder.mkdir(parents=True, exist_ok=True)
     report = {**stats, "pipelineRequestId": event["requestContext"]["requestId"]}
     final = folder / (Path(stats["file"]).stem + ".json")
