@@ -86,6 +86,7 @@ def runtime_for(folder: Path, broker: Mosquitto, topic: str, scenario: Scenario,
             qos: {scenario.qos}
             batch_size: {scenario.batch_size}
             batch_window_ms: 50
+            max_queued_messages: 1000000
             invocation: sync
         """)
     (folder / "flowrun.yaml").write_text(text)
@@ -108,8 +109,13 @@ async def trigger_rate(folder: Path, broker: Mosquitto, topic: str, scenario: Sc
         started = time.perf_counter()
         await trigger.start()
         try:
-            while trigger.counters["invoked"] < messages:
+            deadline = started + 600
+            while trigger.counters["invoked"] + trigger.counters["dropped"] < messages:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"the trigger stalled: {trigger.status()}")
                 await asyncio.sleep(0.002)
+            if trigger.counters["dropped"]:
+                raise RuntimeError(f"the trigger dropped messages: {trigger.status()}")
             return messages / (time.perf_counter() - started)
         finally:
             await trigger.stop()

@@ -146,7 +146,8 @@ class MqttConfig(TriggerConfig):
     invocation: Literal["sync", "event"] = Field(
         "event", description="event: acknowledge once durably queued (the queue retries and "
                              "routes on_success/on_failure); sync: acknowledge once it ran")
-    ca_file: Path | None = Field(None, description="CA bundle for mqtts://")
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts://, relative to the "
+                                                    "config's folder")
     tls_insecure: bool = Field(False, description="mqtts:// without checking the certificate")
 
     @field_validator("url")
@@ -156,9 +157,13 @@ class MqttConfig(TriggerConfig):
         return value
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> MqttConfig:
+    def _consistent(self) -> MqttConfig:
         if self.reconnect_max_ms < self.reconnect_initial_ms:
             raise ValueError("reconnect_max_ms must be at least reconnect_initial_ms")
+        if self.qos > 0 and self.receive_maximum < self.batch_size:
+            raise ValueError(f"receive_maximum ({self.receive_maximum}) must be at least "
+                             f"batch_size ({self.batch_size}), or a QoS {self.qos} batch "
+                             "never fills")
         return self
 
 
@@ -233,6 +238,7 @@ class MqttTrigger(Trigger):
         cfg = self.config
         self.scheme, self.hostname, self.port, self.username, self.password = parse_url(cfg.url)
         self.client_id = cfg.client_id or default_client_id(self.name)
+        self.ca_file = host.config_dir / cfg.ca_file if cfg.ca_file else None
         self.state = "stopped"
         self.counters = dict.fromkeys(
             ("received", "invoked", "batches", "acked", "duplicates", "skipped_retained",
@@ -243,7 +249,6 @@ class MqttTrigger(Trigger):
         self._arrived = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._connection = 0
-        self._connected = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._in_flight_messages = 0
         self._slots = asyncio.Semaphore(cfg.max_in_flight_batches)
@@ -319,7 +324,7 @@ class MqttTrigger(Trigger):
             identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=cfg.clean_session, keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s, properties=properties,
-            tls_context=tls_context(self.scheme, cfg.ca_file, cfg.tls_insecure), logger=log,
+            tls_context=tls_context(self.scheme, self.ca_file, cfg.tls_insecure), logger=log,
         )
         # The one reach below aiomqtt: its paho client, for manual acks and the dup flag.
         inner: paho.Client = client._client
@@ -333,13 +338,12 @@ class MqttTrigger(Trigger):
         delay_ms = self.config.reconnect_initial_ms
         while not self._stopping:
             self.state = "connecting" if self._connection == 0 else "reconnecting"
-            client = self._new_client()
             try:
+                client = self._new_client()
                 async with client:
                     self._client = client
                     await self._subscribe(client)
                     self.state = "connected"
-                    self._connected.set()
                     self._settle_first_attempt()
                     delay_ms = self.config.reconnect_initial_ms
                     async for _ in client.messages:  # nothing arrives here: on_message is ours
@@ -349,7 +353,6 @@ class MqttTrigger(Trigger):
                 log.warning("mqtt %s: %s; reconnecting in %d ms", self.name, exc, delay_ms,
                             exc_info=not isinstance(exc, aiomqtt.MqttError))
             finally:
-                self._connected.clear()
                 self._client = None
             self._settle_first_attempt()
             if self._stopping:

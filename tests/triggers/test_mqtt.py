@@ -324,10 +324,33 @@ async def test_the_destination_publishes_the_record_as_json_with_qos1(
         await by_url.send({"n": 1})
         await by_env.send({"n": 2})
         received = []
-        async for message in subscriber.messages:
-            received.append((str(message.topic), json.loads(message.payload), message.qos))
-            if len(received) == 2:
-                break
+        async with asyncio.timeout(30):
+            async for message in subscriber.messages:
+                received.append((str(message.topic), json.loads(message.payload), message.qos))
+                if len(received) == 2:
+                    break
     await by_url.close()
     await by_env.close()
     assert sorted(received) == [(f"{prefix}/a", {"n": 1}, 1), (f"{prefix}/b", {"n": 2}, 1)]
+
+
+async def test_a_pipeline_reads_one_topic_and_publishes_results_to_another(
+        make_runtime, mosquitto: Mosquitto, tmp_path: Path, prefix: str) -> None:
+    await make_runtime(f"""
+state_dir: state
+functions:
+  count:
+    handler: mqtt_handlers.count
+    code: "{{functions}}"
+    on_success: "mqtt://127.0.0.1:{mosquitto.port}/{prefix}/out"
+triggers:
+  - {{type: mqtt, function: count, url: "{mosquitto.url}", topics: ["{prefix}/in"]}}
+""")
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as subscriber:
+        await subscriber.subscribe(f"{prefix}/out", qos=1)
+        mosquitto.publish(f"{prefix}/in", '{"reading": 1}')
+        async with asyncio.timeout(30):
+            message = await anext(aiter(subscriber.messages))
+    record = json.loads(message.payload)
+    assert record["responsePayload"] == 1
+    assert record["requestPayload"]["records"][0]["payload"] == {"reading": 1}
