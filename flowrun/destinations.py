@@ -8,6 +8,7 @@ Kafka and MQTT ones live with their triggers, so their client libraries load onl
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -120,16 +121,34 @@ class DeadLetterDestination:
         from flowrun import dlq
 
         context = record.get("requestContext") or {}
-        function = _function_of(context)
         response = record.get("responsePayload")
-        errors = [response] if context.get("condition") != "Success" and response else []
+        condition = str(context.get("condition", "Success"))
+        attempts = int(context.get("approximateInvokeCount") or 0)
+        errors: list[dict[str, Any]] = []
+        if condition != "Success" and isinstance(response, dict):
+            errors.append({"kind": "function", "attempt": attempts, "at": dlq.iso(time.time()),
+                           "errorType": response.get("errorType"),
+                           "errorMessage": response.get("errorMessage")})
+        letter: dict[str, Any] = {
+            "request_id": str(context.get("requestId") or uuid.uuid4()),
+            "function": _function_of(context),
+            "event_json": json.dumps(record.get("requestPayload")),
+            "source": "destination", "condition": condition, "attempts": attempts,
+            "errors": errors, "enqueued_at": time.time(), "failed_at": time.time(),
+            "record": record,
+        }
+        queue = getattr(self.host, "async_queue", None)
+        if queue is not None and queue.journal.db is not None:
+            await queue.keep_dead_letter(**letter)  # group-committed with the queue's writes
+            return
+        await asyncio.to_thread(self._write, letter)
+
+    def _write(self, letter: dict[str, Any]) -> None:
+        from flowrun import dlq
+
         db = dlq.open_store(self.host.state_dir)
         try:
-            dlq.add(db, request_id=str(context.get("requestId") or uuid.uuid4()),
-                    function=function, event_json=json.dumps(record.get("requestPayload")),
-                    source="destination", condition=str(context.get("condition", "Success")),
-                    attempts=int(context.get("approximateInvokeCount") or 0), errors=errors,
-                    enqueued_at=time.time(), failed_at=time.time(), record=record)
+            dlq.add(db, **letter)
         finally:
             db.close()
 

@@ -673,6 +673,17 @@ class AsyncQueue:
 
         self.journal.add(op, counted)
 
+    async def keep_dead_letter(self, **letter: Any) -> None:
+        """Store a dead letter that did not come from this queue (``dlq`` destinations)."""
+        lane = self.lanes.get(str(letter.get("function")))
+
+        def counted(ok: bool) -> None:
+            if ok and lane is not None:
+                lane.dead_letters += 1
+
+        self.journal.add(lambda db: dlq.add(db, **letter), counted)
+        await self.journal.durable()
+
     def record(self, item: Item, condition: Condition,
                result: InvocationResult | None) -> dict[str, Any]:
         """Lambda's asynchronous invocation record, as destinations receive it."""

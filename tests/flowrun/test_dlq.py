@@ -118,3 +118,28 @@ def test_dlq_commands_name_what_they_cannot_find(make_config, tmp_path):
     assert unknown.returncode == 1
     assert "neither a function nor a dead letter" in unknown.stderr
     assert "fixable, other" in unknown.stderr
+
+
+async def test_a_record_sent_to_the_dlq_destination_is_kept_and_can_be_redriven(make_runtime,
+                                                                               tmp_path):
+    runtime = await make_runtime(config_text(tmp_path))
+    record = {
+        "version": "1.0", "timestamp": "2026-12-03T10:00:00.000Z",
+        "requestContext": {"requestId": "from-a-trigger",
+                           "functionArn": "arn:aws:lambda:us-east-1:000000000000:function:fixable",
+                           "condition": "RetryAttemptsExhausted", "approximateInvokeCount": 3},
+        "responseContext": {"statusCode": 200, "functionError": "Unhandled"},
+        "responsePayload": {"errorType": "ValueError", "errorMessage": "bad batch"},
+        "requestPayload": {"records": [1, 2]},
+    }
+    await runtime.destinations.send("dlq", record)
+    assert dead(runtime)["fixable"] == 1
+    config = str(tmp_path / "flowrun.yaml")
+    letter = json.loads(flowrun("dlq", "show", "from-a-trigger", "-c", config).stdout)
+    assert (letter["function"], letter["condition"], letter["attempts"]) == (
+        "fixable", "RetryAttemptsExhausted", 3)
+    assert letter["event"] == {"records": [1, 2]}
+    assert letter["errors"][0]["errorMessage"] == "bad batch"
+    (tmp_path / "flag").write_text("fixed")
+    assert flowrun("dlq", "redrive", "from-a-trigger", "-c", config).returncode == 0
+    await eventually(lambda: out_lines(tmp_path) == ["from-a-trigger"])
