@@ -453,6 +453,9 @@ class MqttTrigger(Trigger):
                 self.counters["batches"] += 1
                 for item in batch:
                     self._ack(item)
+        except Exception as exc:  # left unacknowledged: the broker redelivers on reconnect
+            self._error(f"{type(exc).__name__}: {exc}")
+            log.exception("mqtt %s: a batch of %d failed", self.name, len(batch))
         finally:
             self._in_flight_messages -= len(batch)
             self._slots.release()

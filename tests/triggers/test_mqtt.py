@@ -301,6 +301,14 @@ triggers:
     assert reason in message
 
 
+async def test_two_triggers_with_one_client_id_refuse_to_start(
+        make_runtime, mosquitto: Mosquitto, tmp_path: Path, prefix: str) -> None:
+    trigger = f"{{type: mqtt, function: rec, url: \"{mosquitto.url}\", topics: [{prefix}]}}"
+    with pytest.raises(ValueError, match="client id .* is used by another mqtt trigger"):
+        await make_runtime(function_yaml(tmp_path / "out") +
+                           f"triggers:\n  - {trigger}\n  - {trigger}\n")
+
+
 def test_the_url_carries_scheme_credentials_and_default_ports() -> None:
     assert parse_url("mqtts://ann:p%40ss@broker.local") == (
         "mqtts", "broker.local", 8883, "ann", "p@ss")
