@@ -66,6 +66,8 @@ class KafkaTriggerConfig(TriggerConfig):
     heartbeat_interval_ms: int = Field(3_000, ge=100, le=3_600_000)
     request_timeout_ms: int = Field(40_000, ge=1_000, le=3_600_000)
     max_partition_fetch_bytes: int = Field(1_048_576, ge=1_024)
+    fetch_max_bytes: int = Field(4_194_304, ge=1_024,
+                                 description="most bytes one fetch brings, all partitions")
     pipeline_commits: bool = Field(
         False, description="commit a batch while the next one runs: faster, but a crash may "
                            "redeliver two batches per partition instead of one")
@@ -287,12 +289,10 @@ class KafkaTrigger(Trigger):
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._orphans: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._need = asyncio.Event()
         self._to_commit: dict[TopicPartition, tuple[_Partition, int]] = {}
         self._next_round: asyncio.Future[None] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._last_fetch_at = time.monotonic()
         self._stopping = False
         self._state = "stopped"
         self._last_error: str | None = None
@@ -372,6 +372,7 @@ class KafkaTrigger(Trigger):
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             max_partition_fetch_bytes=config.max_partition_fetch_bytes,
+            fetch_max_bytes=config.fetch_max_bytes,
             rebalance_timeout_ms=config.max_poll_interval_ms,
             **client_options(config),
         )
@@ -418,25 +419,13 @@ class KafkaTrigger(Trigger):
                 await asyncio.sleep(0.5)
 
     async def _poll_once(self, consumer: AIOKafkaConsumer) -> None:
-        """Fetch for the partitions that have room for more records, then buffer them.
+        """Move every record aiokafka has fetched into the partitions' buffers.
 
-        A partition holding a full batch is left out of ``getmany`` (aiokafka keeps at most
-        one fetch response for it), so records never pile up; the wait ends early when a
-        partition's worker takes a batch and wants more.
+        Draining aiokafka completely keeps its fetcher busy (it does not fetch from a broker
+        while any partition there still has unread records); ``_apply_backpressure`` bounds
+        the buffers by pausing partitions instead.
         """
-        wanted = [tp for tp, part in self._partitions.items()
-                  if not part.revoking and len(part.records) < 2 * self.config.batch_size]
-        self._need.clear()
-        if wanted:
-            data = await self._getmany(consumer, wanted)
-            self._last_fetch_at = time.monotonic()
-        elif time.monotonic() - self._last_fetch_at > self.config.max_poll_interval_ms / 2000:
-            data = await consumer.getmany(timeout_ms=0, max_records=self.config.batch_size)
-            self._last_fetch_at = time.monotonic()  # stay a live member of the group
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._need.wait(), self.poll_timeout_ms / 1000)
-            data = {}
+        data = await consumer.getmany(timeout_ms=self.poll_timeout_ms)
         now = time.monotonic()
         for tp, records in data.items():
             part = self._partitions.get(tp)
@@ -451,42 +440,37 @@ class KafkaTrigger(Trigger):
             part.arrived.set()
         self._apply_backpressure(consumer)
 
-    async def _getmany(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition],
-                       ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        """``getmany`` for ``partitions``, given up early when another partition needs records."""
-        fetch = asyncio.ensure_future(consumer.getmany(
-            *partitions, timeout_ms=self.poll_timeout_ms, max_records=self.config.batch_size))
-        need = asyncio.ensure_future(self._need.wait())
-        try:
-            await asyncio.wait({fetch, need}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            need.cancel()
-            if not fetch.done():
-                fetch.cancel()
-            await asyncio.wait({fetch, need})
-        if fetch.cancelled():
-            return {}
-        result: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
-        return result
+    def _should_pause(self, part: _Partition, room: bool, paused: bool) -> bool:
+        """Pause at two buffered batches (one while the function has no room), resume below
+        one: a partition never holds more than that plus one fetch response."""
+        buffered, size = len(part.records), self.config.batch_size
+        if buffered >= 2 * size or (buffered >= size and (paused or not room)):
+            return True
+        return False
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause every partition while the function has no free concurrency; resume after."""
         room = self.host.has_capacity(self.config.function)
         paused = consumer.paused()
-        if not room:
-            pause = [tp for tp in self._partitions if tp not in paused]
-            if pause:
-                consumer.pause(*pause)
-        elif paused:
-            consumer.resume(*paused)
+        pause, resume = [], []
+        for tp, part in self._partitions.items():
+            if part.revoking:
+                continue
+            should = self._should_pause(part, room, tp in paused)
+            if should and tp not in paused:
+                pause.append(tp)
+            elif not should and tp in paused:
+                resume.append(tp)
+        if pause:
+            consumer.pause(*pause)
+        if resume:
+            consumer.resume(*resume)
 
     def _want_more(self, part: _Partition) -> None:
-        """A worker took a batch: let the poll loop fetch for its partition again."""
-        self._need.set()
+        """A worker took a batch: resume its partition if it has room for more."""
         consumer = self._consumer
-        if consumer is None or part.revoking:
+        if consumer is None or part.revoking or part.tp not in consumer.paused():
             return
-        if self.host.has_capacity(self.config.function) and part.tp in consumer.paused():
+        if not self._should_pause(part, self.host.has_capacity(self.config.function), True):
             consumer.resume(part.tp)
 
     # ---------------------------------------------------------------- rebalances

@@ -97,11 +97,14 @@ class KafkaBroker:
         futures[name].result(timeout=15)
 
     def produce(self, topic: str, values: Iterable[bytes], partition: int | None = None,
-                partitions: int | None = None, headers: dict[str, bytes] | None = None) -> int:
-        """Produce ``values`` (to ``partition``, or round-robin over ``partitions``)."""
+                partitions: int | None = None, headers: dict[str, bytes] | None = None,
+                batch_records: int = 10_000) -> int:
+        """Produce ``values`` (to ``partition``, or round-robin over ``partitions``), at most
+        ``batch_records`` in one record batch (a fetch returns at least one whole batch)."""
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5,
+                             "batch.num.messages": batch_records})
         count = 0
         for i, value in enumerate(values):
             kwargs: dict[str, object] = {"key": str(i).encode(), "value": value}

@@ -277,14 +277,15 @@ async def test_a_saturated_function_pauses_the_partitions_instead_of_buffering(
         kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
     topic, group = kafka.unique("pause"), kafka.unique("g")
     kafka.create_topic(topic, partitions=3)
-    total, batch = 3_000, 10
-    kafka.produce(topic, (b"x" * 100 for _ in range(total)), partitions=3)
+    total, batch, fetch_bytes = 3_000, 10, 2_048
+    kafka.produce(topic, (b"x" * 100 for _ in range(total)), partitions=3, batch_records=10)
     offsets = tmp_path / "offsets.txt"
     runtime = await make_runtime(kafka_yaml(
         kafka, topic, group, "record_offsets",
         env={"OFFSETS_FILE": str(offsets), "SLEEP_S": "0.1"},
         function="    concurrency: 1",
-        trigger=f"    batch_size: {batch}\n    batch_window_ms: 50"))
+        trigger=f"    batch_size: {batch}\n    batch_window_ms: 50\n"
+                f"    fetch_max_bytes: {fetch_bytes}"))
     trigger = kafka_trigger(runtime)
     await wait_until(lambda: len(trigger.status()["assigned"]) == 3, what="the assignment")
     buffered: list[int] = []
@@ -296,9 +297,10 @@ async def test_a_saturated_function_pauses_the_partitions_instead_of_buffering(
         paused_seen = paused_seen or len(status["paused"]) == 3
         await asyncio.sleep(0.02)
     assert paused_seen, "the partitions were never all paused"
-    # a partition holds at most one batch in flight, and is read only while it buffers less
-    # than two more (one read adds at most one batch): four batches, whatever the backlog
-    assert max(buffered) <= 3 * 4 * batch, max(buffered)
+    # a partition holds one batch in flight, and is paused at two buffered batches (one
+    # while the function is full): three batches each and one fetch, whatever the backlog
+    per_fetch = fetch_bytes // 100 + 10  # the values alone are 100 bytes; whole batches of 10
+    assert max(buffered) <= 3 * 3 * batch + per_fetch, max(buffered)
     assert len(read_offsets(offsets)) < total  # still far from done: the function is slow
 
 
