@@ -284,6 +284,8 @@ def _describe(err: Mapping[str, Any], model: type[BaseModel] | None) -> str:
     field = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
     got = err.get("input")
     ctx = err.get("ctx") or {}
+    if kind == "value_error" and isinstance(got, Mapping):  # a model validator's own words
+        return str(ctx.get("error") or err["msg"])
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"expected a whole number{_unit(field)}, got {got!r}"
     if kind in ("float_parsing", "float_type"):

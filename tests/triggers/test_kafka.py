@@ -148,6 +148,34 @@ def test_the_event_text_written_directly_equals_the_event_as_data() -> None:
     assert json.loads(kafka_event_json(records, servers)) == kafka_event(records, servers)
 
 
+def test_cross_key_problems_are_reported_in_words_with_the_trigger_line(
+        make_config: Callable[[str], Path]) -> None:
+    from flowrun import config as config_module
+
+    path = make_config("""
+    functions:
+      f:
+        handler: kafka_handlers.record_offsets
+    triggers:
+      - type: kafka
+        function: f
+        bootstrap_servers: 127.0.0.1:9092
+        topics: [a]
+        topic_pattern: 'a.*'
+      - type: kafka
+        function: f
+        bootstrap_servers: 127.0.0.1:9092
+        topics: [a]
+        security_protocol: SASL_SSL
+    """)
+    with pytest.raises(ConfigError) as info:
+        config_module.load(path)
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith(":6: triggers[0]: give exactly one of topics (a list) or "
+                             "topic_pattern (a regex)")
+    assert lines[1].endswith(":11: triggers[1]: security_protocol SASL_SSL needs sasl_mechanism")
+
+
 # --------------------------------------------------------------------------- delivery
 
 
