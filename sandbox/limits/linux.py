@@ -59,6 +59,11 @@ def _user_processes(uid: int) -> int:
     return count
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 class LinuxLimiter:
     """The limiter flowrun uses on Linux (see ``sandbox.limits.detect.default_limiter``)."""
 
@@ -145,6 +150,10 @@ class LinuxLimiter:
             return {}
         account = self.account_for(settings)
         state_dir = settings.get("state_dir")
+        code = settings.get("code")
+        if state_dir and code and _inside(str(code), str(state_dir)):
+            log.warning("code folder %s is inside the state folder: not hiding %s", code, state_dir)
+            state_dir = None
         if state_dir and state_dir not in self._secured:
             os.chmod(state_dir, 0o700)
             self._secured.add(state_dir)
@@ -154,7 +163,7 @@ class LinuxLimiter:
         spec = {
             "network": network,
             "user": account._asdict() if account else None,
-            "expose": [str(p) for p in (settings.get("code"), PACKAGE_ROOT, state_dir) if p],
+            "expose": [str(p) for p in (code, PACKAGE_ROOT, state_dir) if p],
             "state_dir": state_dir,
             "scratch": settings.get("tmp_dir"),
             "scratch_mb": int(settings.get("ephemeral_storage_mb", 512)),

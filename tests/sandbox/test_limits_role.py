@@ -219,3 +219,14 @@ def test_the_loopback_bpf_filter_allows_127_0_0_0_8_and_ipv6_loopback_only():
                     time.sleep(0.01)
     eperm = errno.EPERM
     assert out.strip() == repr(["ok", "ok", "ok", eperm, eperm, eperm, "ok", eperm])
+
+
+async def test_code_kept_inside_the_state_folder_still_imports(make_runtime, tmp_path):
+    code = tmp_path / "state" / "generated"
+    code.mkdir(parents=True)
+    (code / "inner.py").write_text("def handler(e, c):\n    return 'inside'\n")
+    runtime = await make_runtime(CONFIG + f"""
+  inner: {{handler: inner.handler, code: "{code}"}}
+""")
+    result = await runtime.invoke("inner", {})
+    assert (result.status, result.payload) == ("success", "inside")
