@@ -101,6 +101,7 @@ class CgroupTree:
                 continue
             try:
                 self.remove_leftovers(controller.directory)
+                self.remove_sibling_leftovers(controller)
                 if controller.version == 2:
                     cgroup_v2.prepare_parent(controller.directory, base, v2_names, self.pid,
                                              self.make_dir)
@@ -125,6 +126,19 @@ class CgroupTree:
                     continue
                 if cgroupfs.remove_tree(entry):
                     removed += 1
+        return removed
+
+    def remove_sibling_leftovers(self, controller: Controller) -> int:
+        """Leftovers one level over: a daemon that died in a sibling cgroup (a finished
+        job's, a restarted service's) left its tree where no daemon of ours will look."""
+        if controller.current in ("", "/"):
+            return 0
+        removed = 0
+        with contextlib.suppress(OSError):
+            for sibling in controller.directory.parent.iterdir():
+                if sibling.is_dir() and sibling != controller.directory \
+                        and _BASE.match(sibling.name) is None:
+                    removed += self.remove_leftovers(sibling)
         return removed
 
     def directories(self, worker_id: str, unified: bool = False) -> dict[str, tuple[int, Path]]:

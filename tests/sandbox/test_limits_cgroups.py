@@ -9,7 +9,8 @@ import time
 import pytest
 
 from flowrun.logs import report_line
-from sandbox.limits.detect import detect
+from sandbox.limits.cgroups import CgroupTree
+from sandbox.limits.detect import Controller, Host, detect
 from sandbox.limits.linux import LinuxLimiter
 
 CONFIG = """
@@ -153,3 +154,21 @@ def test_leftovers_of_a_dead_daemon_are_removed_at_start() -> None:
     limiter = LinuxLimiter()
     assert limiter.tree.controllers
     assert not dead.exists()
+
+
+def test_leftovers_of_a_dead_daemon_in_a_sibling_cgroup_are_removed_too() -> None:
+    real = detect().controllers["memory"]
+    scope = real.directory / f"flowrun-test-{os.getpid()}"  # all of it under our own cgroup
+    ours, dead = scope / "ours", scope / "finished-job" / "flowrun-999999998"
+    ours.mkdir(parents=True)
+    (dead / "heartbeat-1").mkdir(parents=True)
+    controller = Controller("memory", 1, real.mount, f"{real.current}/{scope.name}/ours")
+    tree = CgroupTree(Host({"memory": controller}, None, True), ["memory"])
+    try:
+        tree.prepare()
+        assert not dead.exists()
+    finally:
+        for directory in (dead / "heartbeat-1", dead, scope / "finished-job",
+                          ours / f"flowrun-{os.getpid()}", ours, scope):
+            if directory.exists():
+                directory.rmdir()
