@@ -258,6 +258,30 @@ async def test_a_poison_record_goes_to_the_failure_folder_and_the_partition_move
     assert kafka.committed(group, topic, 1) == {0: 11}
 
 
+async def test_without_a_failure_destination_an_exhausted_batch_becomes_a_dead_letter(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    from flowrun import dlq
+
+    topic, group = kafka.unique("dead"), kafka.unique("g")
+    kafka.create_topic(topic, partitions=1)
+    kafka.produce(topic, [b"poison", b"fine"], partition=0)
+    runtime = await make_runtime(kafka_yaml(
+        kafka, topic, group, "poison", env={"OFFSETS_FILE": str(tmp_path / "offsets.txt")},
+        trigger="    batch_size: 1\n    max_retries: 0"))
+    trigger = kafka_trigger(runtime)
+    await wait_until(lambda: trigger.status()["committed"].get(f"{topic}-0") == 2,
+                     what="the partition to move on")
+    db = dlq.open_store(runtime.state_dir)
+    try:
+        [letter] = dlq.letters(db, "consume")
+    finally:
+        db.close()
+    assert letter.condition == "RetryAttemptsExhausted"
+    event = json.loads(letter.event_json)
+    assert event["eventSource"] == "SelfManagedKafka"
+    assert base64.b64decode(event["records"][f"{topic}-0"][0]["value"]) == b"poison"
+
+
 async def test_a_partial_batch_failure_retries_only_from_the_failed_record(
         kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
     topic, group = kafka.unique("partial"), kafka.unique("g")
