@@ -48,7 +48,7 @@ def load(name: str) -> type[Trigger]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if name in BUILTINS:
+        if name in BUILTINS and exc.name and not exc.name.startswith(module_name):
             raise ImportError(
                 f"trigger {name!r} needs {exc.name!r}: pip install 'flowrun[{name}]'"
             ) from exc
