@@ -12,7 +12,7 @@ Contenders, each on a fresh runtime and state dir, on flowrun's spin loop (what
   lose the last commits; never corrupts);
 * ``enqueue only`` — ``run_queue=False``: durable acceptance alone, FULL and NORMAL.
 
-    python3 benchmarks/bench_async.py [--calls 20000] [--rounds 3] [--concurrency 2]
+    python3 benchmarks/bench_async.py [--calls 20000] [--rounds 3] [--concurrency 2] [--no-limits]
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowrun import config as config_module  # noqa: E402
 from flowrun import queue  # noqa: E402
 from flowrun.runtime import Runtime  # noqa: E402
+from sandbox.isolation import Limiter, NoIsolation  # noqa: E402
 from sandbox.spinloop import new_event_loop  # noqa: E402
 
 HANDLER = "def handler(event, context):\n    return None\n"
 CALLERS = 1000  # concurrent enqueuers, like many triggers or API clients at once
+LIMITER: Limiter | None = None  # None: the host's default limits; --no-limits: rlimits only
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ async def warm(runtime: Runtime, concurrency: int) -> None:
 
 
 async def bench_sync(path: Path, calls: int, concurrency: int) -> Figures:
-    async with Runtime(config_module.load(path)) as runtime:
+    async with Runtime(config_module.load(path), limiter=LIMITER) as runtime:
         await warm(runtime, concurrency)
 
         async def loop(n: int) -> None:
@@ -91,7 +93,7 @@ async def bench_async(path: Path, calls: int, concurrency: int, synchronous: str
                       run: bool) -> Figures:
     queue.DEFAULT_SYNCHRONOUS = synchronous  # type: ignore[assignment]
     try:
-        async with Runtime(config_module.load(path), run_queue=run) as runtime:
+        async with Runtime(config_module.load(path), run_queue=run, limiter=LIMITER) as runtime:
             await warm(runtime, concurrency)
             assert runtime.async_queue is not None
             commits_before = runtime.async_queue.journal.commits
@@ -133,7 +135,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3, help="repeat, report medians")
     parser.add_argument("--concurrency", type=int, default=2, help="workers of the function")
+    parser.add_argument("--no-limits", action="store_true",
+                        help="workers without cgroups/namespaces (the queue's cost alone)")
     args = parser.parse_args()
+    global LIMITER
+    LIMITER = NoIsolation() if args.no_limits else None
     runs: dict[str, list[Figures]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -151,7 +157,8 @@ def main() -> None:
                 fig = run_on_spin_loop(make)
                 runs.setdefault(fig.name, []).append(fig)
     print(f"no-op handler, {args.calls} invocations, concurrency {args.concurrency}, "
-          f"{CALLERS} concurrent enqueuers, median of {args.rounds} rounds")
+          f"{CALLERS} concurrent enqueuers, median of {args.rounds} rounds, "
+          f"{'no limits' if args.no_limits else 'default limits'}")
     print(f"{'contender':<30}{'acked enqueues/s':>18}{'invocations/s':>16}{'commits':>9}")
     medians: dict[str, Figures] = {}
     for name, figs in runs.items():

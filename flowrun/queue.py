@@ -188,7 +188,9 @@ class Lane:
                 "dead_letters": self.dead_letters}
 
 
-Op = Callable[[sqlite3.Connection], Any]
+# A callable run with the connection, or (sql, params): runs of the same sql become one
+# executemany.
+Op = Callable[[sqlite3.Connection], Any] | tuple[str, tuple[Any, ...]]
 
 
 class Journal:
@@ -293,8 +295,21 @@ class Journal:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            sql: str | None = None
+            rows: list[tuple[Any, ...]] = []
             for op in ops:
-                op(db)
+                if isinstance(op, tuple) and op[0] == sql:
+                    rows.append(op[1])
+                    continue
+                if sql is not None:
+                    db.executemany(sql, rows)
+                sql, rows = None, []
+                if isinstance(op, tuple):
+                    sql, rows = op[0], [op[1]]
+                else:
+                    op(db)
+            if sql is not None:
+                db.executemany(sql, rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -520,14 +535,9 @@ class AsyncQueue:
                 await self._finish_failed(item, "EventAgeExceeded", None, now)
                 continue
             item.attempts += 1
-            self.journal.add(self._update_op(
-                "UPDATE queue SET status = 'inflight', attempts = ? WHERE id = ?",
-                (item.attempts, item.row_id)))
+            self.journal.add(("UPDATE queue SET status = 'inflight', attempts = ? WHERE id = ?",
+                              (item.attempts, item.row_id)))
             await self._attempt(lane, item)
-
-    @staticmethod
-    def _update_op(sql: str, params: tuple[Any, ...]) -> Op:
-        return lambda db: db.execute(sql, params)
 
     async def _next(self, lane: Lane, gate: Any) -> Item:
         while True:
@@ -599,9 +609,8 @@ class AsyncQueue:
         now = self.clock()
         item.next_attempt_at = now + delay_s
         values = (item.attempts, item.next_attempt_at, json.dumps(item.errors), item.row_id)
-        self.journal.add(lambda db: db.execute(
-            "UPDATE queue SET status = 'queued', attempts = ?, next_attempt_at = ?, errors = ? "
-            "WHERE id = ?", values))
+        self.journal.add(("UPDATE queue SET status = 'queued', attempts = ?, "
+                          "next_attempt_at = ?, errors = ? WHERE id = ?", values))
         if not self._stopping:
             self.lanes[item.function].push(item, now)
 
@@ -651,7 +660,7 @@ class AsyncQueue:
 
     def _delete(self, item: Item) -> None:
         row_id = item.row_id
-        self.journal.add(lambda db: db.execute("DELETE FROM queue WHERE id = ?", (row_id,)))
+        self.journal.add(("DELETE FROM queue WHERE id = ?", (row_id,)))
 
     def _dead_letter(self, item: Item, condition: str, record: dict[str, Any] | None,
                      now: float, keep_row: bool = False) -> None:
@@ -736,6 +745,10 @@ class AsyncQueue:
         await self.journal.durable()
 
     # ---------------------------------------------------------------- status
+
+    def has_room(self, name: str) -> bool:
+        """True while ``name``'s queue is below ``async_queue_size`` (event-mode triggers)."""
+        return self.lanes[name].depth() < self.functions[name].async_queue_size
 
     def depth(self, name: str) -> dict[str, int]:
         return self.lanes[name].statistics()
