@@ -387,3 +387,18 @@ def test_flowrun_status_without_a_daemon_shows_queued_work_and_pipelines(make_co
     assert "pipeline fn:" in done.stdout
     step = next(line for line in done.stdout.splitlines() if line.strip().startswith("fn "))
     assert "-> next" in step and "queued=2" in step
+
+
+async def test_a_system_error_is_retried_without_using_retries_until_the_event_is_too_old(
+        make_runtime, tmp_path):
+    runtime = await make_runtime(config_text(tmp_path, python="/nonexistent/python3",
+                                             max_event_age_s=60, retries=0))
+    await runtime.async_queue.enqueue("fn", b"{}", request_id="no-worker",
+                                      enqueued_at=time.time() - 59.0)
+    await eventually(lambda: queue_rows(
+        runtime.state_dir, "SELECT count(*) FROM dead_letters") == [(1,)])
+    condition, attempts, errors = queue_rows(
+        runtime.state_dir, "SELECT condition, attempts, errors FROM dead_letters")[0]
+    assert (condition, attempts) == ("EventAgeExceeded", 0)  # retries: 0 did not stop it
+    kinds = [e["kind"] for e in json.loads(errors)]
+    assert kinds and set(kinds) == {"system"}
