@@ -79,7 +79,7 @@ async def trigger_rate(broker: KafkaBroker, topic: str, records: int, batch_size
           count:
             handler: kafka_handlers.count
             code: {FUNCTIONS}
-            concurrency: {partitions}
+            concurrency: {max(partitions, 10)}  # the default; room for every partition
             cpus: 1                # a full CPU (128 MB alone would get 128/1769 of one)
         triggers:
           - type: kafka
