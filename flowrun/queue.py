@@ -566,9 +566,9 @@ class AsyncQueue:
             self._retry_later(item, "system", exc.error_type, str(exc))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.exception("asynchronous invocation %s of %s failed in flowrun", item.request_id,
-                          name)
+        except Exception as exc:  # the worker could not start, the pipe broke: not the function
+            log.warning("asynchronous invocation %s of %s failed in flowrun (%s: %s); retrying "
+                        "with backoff", item.request_id, name, type(exc).__name__, exc)
             self._retry_later(item, "system", type(exc).__name__, str(exc))
         else:
             if result.ok:
