@@ -286,6 +286,9 @@ class Runtime:
             }
             if self.async_queue is not None:
                 functions[name].update(self.async_queue.status_fields(name))
+            role = getattr(self.pool.limiter, "describe_function", None)
+            if role is not None:  # cpus, pids_max, user, network as enforced here
+                functions[name].update(role(pool.spec.settings))
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0,

@@ -170,6 +170,21 @@ class LinuxLimiter:
         }
         return {"FLOWRUN_ENTER": json.dumps(spec)}
 
+    def describe_function(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """One function's limits as this host enforces them (a line of ``flowrun status``)."""
+        limits = self.limits_for(settings)
+        described: dict[str, Any] = {
+            "cpus": round(limits.cpu_quota_us / limits.cpu_period_us, 3) if self._has("cpu")
+            else "unlimited",
+            "pids_max": limits.pids_max,
+        }
+        if self.privileged:
+            account = self.account_for(settings)
+            described["user"] = account.name if account else "root"
+            described["network"] = self.network_mode(settings)
+            described["scratch_mb"] = int(settings.get("ephemeral_storage_mb", 512))
+        return described
+
     def describe(self) -> dict[str, Any]:
         return {**self._describe_cgroups(), **self._describe_role(),
                 "nofile": f"rlimit {rlimits.NOFILE}", "core": "rlimit 0 (no core dumps)"}

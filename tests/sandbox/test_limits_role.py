@@ -230,3 +230,13 @@ async def test_code_kept_inside_the_state_folder_still_imports(make_runtime, tmp
 """)
     result = await runtime.invoke("inner", {})
     assert (result.status, result.payload) == ("success", "inside")
+
+
+async def test_status_shows_each_functions_user_network_and_cpu_share(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    functions = runtime.status()["functions"]
+    assert functions["who"]["user"] == "nobody"
+    assert functions["default"]["user"] == "root"
+    assert functions["offline"]["network"] == "none"
+    assert functions["scratch"]["scratch_mb"] == 4
+    assert functions["default"]["cpus"] == round(round(128 / 1769 * 100_000) / 100_000, 3)
