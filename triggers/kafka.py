@@ -568,8 +568,10 @@ class KafkaTrigger(Trigger):
             event_json = kafka_event_json(pending, self.config.bootstrap_servers)
             try:
                 result = await self._invoke(event_json)
-            except TooManyRequestsException:
-                await asyncio.sleep(0.05)
+            except TooManyRequestsException as exc:
+                if exc.reason == "ShuttingDown":
+                    return  # uncommitted: the next owner (or the next start) gets it again
+                await asyncio.sleep(0.05)  # throttled: not a failure, wait for room
                 continue
             except FlowrunError as exc:  # shutting down or not runnable: leave it uncommitted
                 self._error(f"invoke: {exc}")
