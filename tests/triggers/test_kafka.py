@@ -379,6 +379,35 @@ async def test_results_and_failures_are_published_to_kafka_topics(
     assert failure["KafkaBatchInfo"]["recordsInfo"][f"{topic}-0"]["firstRecordOffset"] == "2"
 
 
+async def test_a_kafka_destination_finds_its_brokers_in_the_config_or_the_environment(
+        kafka: KafkaBroker, make_runtime: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from triggers.kafka import SERVERS_ENV, KafkaDestination
+
+    out = kafka.unique("out")
+    kafka.create_topic(out)
+    runtime = await make_runtime(kafka_yaml(kafka, kafka.unique("in"), kafka.unique("g"),
+                                            "record_offsets"))
+    await runtime.destinations.send(f"kafka:{out}", {"requestContext": {"requestId": "r1"},
+                                                     "n": 1})
+    assert [json.loads(v)["n"] for v in await asyncio.to_thread(kafka.read, out, 1)] == [1]
+
+    class Bare:
+        config = None
+
+    monkeypatch.delenv(SERVERS_ENV, raising=False)
+    with pytest.raises(ValueError, match=SERVERS_ENV):
+        KafkaDestination(out, Bare())
+    monkeypatch.setenv(SERVERS_ENV, kafka.bootstrap)
+    destination = KafkaDestination(out, Bare())
+    try:
+        await destination.send({"n": 2})
+    finally:
+        await destination.close()
+    values = await asyncio.to_thread(kafka.read, out, 2)
+    assert [json.loads(v)["n"] for v in values] == [1, 2]
+
+
 async def test_a_second_daemon_in_the_group_takes_partitions_over_and_nothing_is_lost(
         kafka: KafkaBroker, make_runtime: Callable[..., Any], tmp_path: Path) -> None:
     topic, group = kafka.unique("rebalance"), kafka.unique("g")
