@@ -8,6 +8,7 @@ cleaning up are removed when a tree is prepared.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -28,6 +29,7 @@ CPU_PERIOD_US = 100_000
 MB_PER_CPU = 1769  # as on Lambda: 1,769 MB of memory buys one full vCPU
 MIN_QUOTA_US = 1000  # the kernel's floor for a CFS quota
 _BASE = re.compile(r"^flowrun-(\d+)$")
+RETRY_S, RETRIES = 0.02, 250  # removal of a cgroup whose last tasks are still exiting
 UNIFIED = "unified"  # the cgroup2 hierarchy itself, even with no controller of ours in it
 
 
@@ -148,7 +150,17 @@ class CgroupTree:
                 if unified or name != UNIFIED}
 
     def remove_later(self, directory: Path) -> None:
+        """rmdir once the kernel has let the dying tasks go: retried on the event loop (if
+        one runs), on every placement and release, and at exit."""
         self._pending.append(directory)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(RETRY_S, self._retry_soon, RETRIES)
+
+    def _retry_soon(self, left: int) -> None:
+        self.retry_pending()
+        if self._pending and left > 1:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(RETRY_S, self._retry_soon, left - 1)
 
     def retry_pending(self) -> None:
         self._pending = [d for d in self._pending if not cgroupfs.remove(d)]
