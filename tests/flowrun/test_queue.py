@@ -402,3 +402,22 @@ async def test_a_system_error_is_retried_without_using_retries_until_the_event_i
     assert (condition, attempts) == ("EventAgeExceeded", 0)  # retries: 0 did not stop it
     kinds = [e["kind"] for e in json.loads(errors)]
     assert kinds and set(kinds) == {"system"}
+
+
+async def test_a_destination_that_cannot_take_the_record_leaves_a_dead_letter_instead(
+        make_runtime, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    runtime = await make_runtime(config_text(
+        tmp_path, handler="handlers.echo",
+        on_success=[f"folder:{tmp_path / 'blocker' / 'sub'}", f"folder:{tmp_path / 'ok'}"]))
+    accepted = await runtime.invoke("fn", {"keep": "me"}, mode="event")
+    await eventually(lambda: queue_rows(
+        runtime.state_dir, "SELECT count(*) FROM dead_letters") == [(1,)])
+    await eventually(lambda: queue_rows(runtime.state_dir) == [(0,)])
+    assert len(list((tmp_path / "ok").glob("*.json"))) == 1  # the other destination got it
+    request_id, condition, errors, record = queue_rows(
+        runtime.state_dir, "SELECT request_id, condition, errors, record FROM dead_letters")[0]
+    assert (request_id, condition) == (accepted.request_id, "Success")
+    [error] = json.loads(errors)
+    assert error["kind"] == "destination" and "blocker" in error["destination"]
+    assert json.loads(record)["responsePayload"] == {"keep": "me"}
