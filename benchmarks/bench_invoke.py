@@ -74,7 +74,7 @@ async def bench_flowrun(folder: Path, workers: int, calls: int, name: str) -> Fi
     config_path.write_text(textwrap.dedent(f"""
         state_dir: state-{name}-{workers}
         functions:
-          noop: {{handler: fn.handler, code: ., concurrency: {workers}}}
+          noop: {{handler: fn.handler, code: ., concurrency: {workers}, cpus: 1}}
     """))
     async with Runtime(config_module.load(config_path)) as runtime:
         latencies, wall_s = await measure(lambda: runtime.invoke("noop"), calls, workers)

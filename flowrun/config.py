@@ -77,9 +77,10 @@ class FunctionConfig(_Model):
     environment: dict[str, str] = Field(default_factory=dict)
     python: str | None = Field(None, description="interpreter for the workers")
     idle_timeout_s: float = Field(600, gt=0, description="a warm worker unused this long stops")
-    spin_us: int = Field(100, ge=0, le=10_000,
-                         description="a warm worker polls this long for the next event "
-                                     "before sleeping (latency for CPU); 0 turns it off")
+    spin_us: int | None = Field(None, ge=0, le=10_000,
+                                description="a warm worker polls this long for the next event "
+                                            "before sleeping (latency for CPU); 0 turns it off; "
+                                            "default 100 for functions with a whole CPU, else 0")
     cpus: float | None = Field(None, gt=0, le=64, description="CPU quota; default follows memory")
     pids_max: int = Field(256, ge=8, le=65_536)
     ephemeral_storage_mb: int = Field(512, ge=1, le=10_240)

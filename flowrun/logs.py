@@ -7,7 +7,6 @@ the ``flowrun.invocations`` logger, which the CLI prints and an embedding app ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -57,32 +56,42 @@ class InvocationLog:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._files: dict[str, IO[str]] = {}
-        self._dirty: set[str] = set()
+        self._pending: list[InvocationResult] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def path(self, function: str) -> Path:
         return self.directory / f"{function}.log"
 
     def write(self, result: InvocationResult) -> None:
-        text = lines(result)
-        file = self._files.get(result.function)
+        """Queue one invocation's lines; they are formatted and written within 50 ms."""
+        self._pending.append(result)
+        if self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def _file(self, function: str) -> IO[str]:
+        file = self._files.get(function)
         if file is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            file = self._files[result.function] = open(  # noqa: SIM115
-                self.path(result.function), "a", encoding="utf-8")
-        file.write(text)
-        self._dirty.add(result.function)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("%s", text.rstrip("\n"), extra={"function": result.function})
-        if self._timer is None:
-            with contextlib.suppress(RuntimeError):
-                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
+            file = self._files[function] = open(  # noqa: SIM115
+                self.path(function), "a", encoding="utf-8")
+        return file
 
     def flush(self) -> None:
         self._timer = None
-        for name in self._dirty:
+        pending, self._pending = self._pending, []
+        to_logger = logger.isEnabledFor(logging.INFO)
+        dirty = set()
+        for result in pending:
+            text = lines(result)
+            self._file(result.function).write(text)
+            dirty.add(result.function)
+            if to_logger:
+                logger.info("%s", text.rstrip("\n"), extra={"function": result.function})
+        for name in dirty:
             self._files[name].flush()
-        self._dirty.clear()
 
     def close(self) -> None:
         if self._timer is not None:

@@ -72,6 +72,19 @@ def lambda_environment(name: str, fn: FunctionConfig, tmp_dir: Path) -> dict[str
     return env
 
 
+DEFAULT_SPIN_US = 100
+ONE_CPU_MB = 1769
+
+
+def spin_us(fn: FunctionConfig) -> int:
+    """How long a warm worker polls before sleeping. Spinning spends CPU, which a function
+    with less than a whole CPU (its cgroup quota) would rather keep for its handler."""
+    if fn.spin_us is not None:
+        return fn.spin_us
+    share = fn.cpus if fn.cpus is not None else fn.memory_mb / ONE_CPU_MB
+    return DEFAULT_SPIN_US if share >= 1 else 0
+
+
 class Runtime:
     """One flowrun instance. Use ``async with`` or ``start()`` / ``stop()``."""
 
@@ -177,7 +190,7 @@ class Runtime:
             timeout_s=fn.timeout_s, concurrency=fn.concurrency,
             environment=lambda_environment(name, fn, tmp_dir),
             python=fn.python or sys.executable, idle_timeout_s=fn.idle_timeout_s,
-            spin_us=fn.spin_us,
+            spin_us=spin_us(fn),
             settings=settings,
         )
 
@@ -254,7 +267,8 @@ class Runtime:
     async def invoke(self, name: str, event: Any = None, *, mode: InvocationMode = "sync",
                      source: str = "", request_id: str | None = None) -> InvocationResult:
         """Invoke ``name`` with a JSON-able event. ``mode="event"`` queues it durably."""
-        return await self.invoke_json(name, json.dumps(event), mode=mode, source=source,
+        event_json = "null" if event is None else json.dumps(event)
+        return await self.invoke_json(name, event_json, mode=mode, source=source,
                                       request_id=request_id)
 
     async def invoke_json(self, name: str, event_json: str | bytes, *,

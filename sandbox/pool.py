@@ -102,6 +102,7 @@ class WorkerProcess:
         self._writer: asyncio.WriteTransport | None = None
         self._reader: asyncio.ReadTransport | None = None
         self._pidfd = -1
+        self._write_fd = -1
         self.alive = False
         self.invocations = 0
         self.last_used = time.monotonic()
@@ -148,13 +149,15 @@ class WorkerProcess:
         write_transport, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(to_worker_w, "wb", buffering=0))
         self._writer = write_transport
+        self._write_fd = to_worker_w
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = os.pidfd_open(self.pid)
             loop.add_reader(self._pidfd, self._exited)
         started = time.perf_counter()
         ready = await self._request({"t": "init", "handler": self.spec.handler,
                                      "code": str(self.spec.code_dir),
-                                     "spin_us": self.spec.spin_us}, INIT_TIMEOUT_S)
+                                     "spin_us": self.spec.spin_us,
+                                     "probe_memory": not self._cgroup_measures_memory()}, INIT_TIMEOUT_S)
         if ready is None:
             error = self._death_error("") if not self.timed_out else {
                 "errorType": "Runtime.InitTimeout",
@@ -162,6 +165,13 @@ class WorkerProcess:
                 "stackTrace": []}
             return (time.perf_counter() - started) * 1000, error
         return float(ready.get("init_ms", 0.0)), ready.get("error")
+
+    def _cgroup_measures_memory(self) -> bool:
+        measures = getattr(self.placement, "measures_peak_memory", None)
+        try:
+            return bool(measures()) if measures is not None else False
+        except OSError:
+            return False
 
     def _exited(self) -> None:
         self._gone("process exited")
@@ -237,6 +247,7 @@ class WorkerProcess:
             if transport is not None:
                 transport.close()
         self._writer = self._reader = None
+        self._write_fd = -1
         with contextlib.suppress(Exception):
             self.placement.release()
 
@@ -246,6 +257,22 @@ class WorkerProcess:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(frame)
+
+    def _send(self, data: bytes) -> None:
+        """Write straight to the pipe when it takes the whole frame (the common case);
+        otherwise let the transport buffer the rest."""
+        assert self._writer is not None
+        if self._write_fd >= 0 and not self._writer.get_write_buffer_size():
+            try:
+                written = os.write(self._write_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                written = len(data)  # the worker is gone; its death is reported separately
+            if written == len(data):
+                return
+            data = data[written:]
+        self._writer.write(data)
 
     def _on_timeout(self) -> None:
         self.timed_out = True
@@ -258,7 +285,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         self._waiter = waiter
-        self._writer.write(protocol.encode(frame))
+        self._send(protocol.encode(frame))
         timer = loop.call_later(timeout_s, self._on_timeout)
         _in_flight += 1
         try:

@@ -25,7 +25,7 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes | memoryview) -> dict[str, Any]:
     message = msgpack.unpackb(body, raw=False, strict_map_key=False)
     if not isinstance(message, dict):
         raise ValueError("frame is not a map")
@@ -66,6 +66,10 @@ class FrameBuffer:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if not self._buffer and len(data) >= HEADER.size:
+            (size,) = HEADER.unpack_from(data)
+            if len(data) == HEADER.size + size:  # exactly one whole frame: no copying
+                return [decode(memoryview(data)[HEADER.size :])]
         self._buffer += data
         frames = []
         while len(self._buffer) >= HEADER.size:

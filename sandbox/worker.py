@@ -143,6 +143,7 @@ class Worker:
         self.memory = _MemoryProbe()
         self.env = dict(os.environ)
         self.spin_s = 0.0
+        self.probe_memory = True
 
     def init(self, handler_spec: str, code_dir: str) -> float:
         """Import the handler; returns the init duration in ms, or records an init error."""
@@ -177,7 +178,8 @@ class Worker:
         self.request_id = frame["id"]
         self.capture = _Capture()
         sys.stdout = sys.stderr = self.capture
-        self.memory.reset()
+        if self.probe_memory:
+            self.memory.reset()
         cpu_before = os.times()
         started = time.perf_counter()
         result: dict[str, Any] = {"t": "result", "ok": True}
@@ -204,13 +206,14 @@ class Worker:
         result["duration_ms"] = duration_ms
         result["cpu_user_ms"] = (cpu_after.user - cpu_before.user) * 1000
         result["cpu_system_ms"] = (cpu_after.system - cpu_before.system) * 1000
-        result["max_rss_kb"] = self.memory.peak_kb()
+        result["max_rss_kb"] = self.memory.peak_kb() if self.probe_memory else 0
         result["logs"] = self.capture.getvalue()
         return result
 
     def serve(self) -> None:
         init = protocol.read_frame(self.fd_in)
         self.spin_s = float(init.get("spin_us", 0)) / 1e6
+        self.probe_memory = bool(init.get("probe_memory", True))
         init_ms = self.init(init["handler"], init["code"])
         ready: dict[str, Any] = {"t": "ready", "init_ms": init_ms, "pid": os.getpid()}
         if self.init_error is not None:

@@ -237,6 +237,12 @@ class WorkerCgroups:
         for directory in self.dirs:
             cgroupfs.write(directory / "cgroup.procs", pid)
 
+    def measures_peak_memory(self) -> bool:
+        """True when this cgroup gives a per-invocation peak (so the worker need not probe)."""
+        if self._peak_fd < 0 or self.memory is None:
+            return False
+        return bool(version_module(self.memory[0]).reset_peak(self._peak_fd))
+
     def before_invoke(self) -> None:
         if not self._quota_applied and self.cpu is not None:
             version, directory = self.cpu
