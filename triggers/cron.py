@@ -418,8 +418,8 @@ class CronConfig(TriggerConfig):
     timezone: str = Field("UTC", description="IANA zone the cron expression is read in")
     input: Any = Field(None, description="a constant event to send instead of the Scheduled Event")
     invocation: Literal["sync", "event"] = Field(
-        "sync", description="event queues the invocation durably (falls back to sync without "
-                            "the queue)")
+        "event", description="event (default, as on Lambda) queues the invocation durably "
+                             "(falls back to sync without the queue); sync waits for it")
     account: str = Field(DEFAULT_ACCOUNT, pattern=r"^[0-9]{12}$",
                          description="account id in the event and its rule ARN")
     region: str = Field(DEFAULT_REGION, pattern=r"^[a-z0-9\-]+$")

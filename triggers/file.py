@@ -70,7 +70,8 @@ class FileTriggerConfig(TriggerConfig):
     bucket: str | None = Field(None, description="s3.bucket.name; default the folder's name")
     region: str = Field("us-east-1", description="awsRegion of the records")
     invocation: Literal["sync", "event"] = Field(
-        "sync", description="sync waits for the result; event hands it to the durable queue")
+        "event", description="event (default, as on Lambda) hands it to the durable queue, which "
+                             "retries and routes failures; sync waits for the result")
     retries: int = Field(2, ge=0, le=100,
                          description="retries of a failed invocation before the version is failed")
     retry_backoff_s: float = Field(1.0, ge=0, le=3600,

@@ -240,7 +240,7 @@ def test_a_good_cron_trigger_parses_with_its_defaults() -> None:
     config = config_module.parse(BASE_CONFIG + "    schedule: rate(1 minute)\n")
     trigger = config.triggers[0]
     assert isinstance(trigger, CronConfig)
-    assert (trigger.timezone, trigger.invocation, trigger.input) == ("UTC", "sync", None)
+    assert (trigger.timezone, trigger.invocation, trigger.input) == ("UTC", "event", None)
 
 
 # --------------------------------------------------------------------------- the trigger
@@ -271,6 +271,7 @@ functions:
 triggers:
   - type: cron
     function: tick
+{"" if "invocation:" in trigger_keys else "    invocation: sync  # these tests watch the run itself"}
 {textwrap.indent(textwrap.dedent(trigger_keys), "    ")}
 """
 
@@ -389,6 +390,7 @@ triggers:
   - type: cron
     function: broken
     schedule: rate(1 minute)
+    invocation: sync
 """)
     trigger = runtime.triggers[0]
     await clock.jump_to_next()
