@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import records
 from paths import from_config
 
 
@@ -15,9 +16,11 @@ def handler(event, context):
     folder = from_config(os.environ.get("ARCHIVE_DIR", "data/outbox/archive"))
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / (Path(parsed["file"]).stem + ".jsonl")
-    temp = folder / f".{final.name}.tmp"
+    temp = folder / f".{final.name}.{context.aws_request_id}.tmp"
+    rows = 0
     with open(temp, "w", encoding="utf-8") as file:
-        for row in parsed["rows"]:
+        for row in records.read(parsed["records"]):
             file.write(json.dumps(row) + "\n")
+            rows += 1
     os.replace(temp, final)  # same content on a re-run: the step is idempotent
-    return {"archived": str(final), "rows": len(parsed["rows"])}
+    return {"archived": str(final), "rows": rows}

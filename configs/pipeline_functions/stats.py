@@ -1,6 +1,8 @@
-"""Step 2a: count, min, max and mean of every column whose cells are all numbers."""
+"""Step 2a: row count, and min, max and mean of every column whose cells are all numbers."""
 
 import math
+
+import records
 
 
 def _number(text):
@@ -13,9 +15,9 @@ def _number(text):
 
 def handler(event, context):
     parsed = event["responsePayload"]  # step 1's result, inside Lambda's invocation record
-    rows = parsed["rows"]
+    rows = list(records.read(parsed["records"]))
     columns = {}
-    for name in (rows[0] if rows else {}):
+    for name in parsed["columns"]:
         values = [_number(row.get(name)) for row in rows]
         if values and all(v is not None for v in values):
             columns[name] = {"min": min(values), "max": max(values),

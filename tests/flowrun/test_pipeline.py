@@ -122,3 +122,30 @@ async def test_a_csv_dropped_in_the_example_folder_flows_through_the_example_pip
         archived = [json.loads(line) for line in archive_file.read_text().splitlines()]
         assert archived[0] == {"sensor": "a", "temp_c": "20.5", "humidity": "40"}
         await eventually(lambda: runtime.async_queue.succeeded == 4)
+
+
+async def test_a_real_csv_larger_than_an_async_event_flows_through_by_reference(tmp_path):
+    import csv
+
+    import vega_datasets
+
+    source = Path(vega_datasets.__file__).parent / "_data" / "sf-temps.csv"  # about 214 KB
+    with open(source, newline="") as file:
+        expected = list(csv.DictReader(file))
+    environ = {**os.environ, "FLOWRUN_STATE_DIR": str(tmp_path / "state"),
+               "READINGS_DIR": str(tmp_path / "readings"), "STAGING_DIR": str(tmp_path / "stage"),
+               "ARCHIVE_DIR": str(tmp_path / "archive"), "REPORT_DIR": str(tmp_path / "reports")}
+    (tmp_path / "readings").mkdir()
+    config = config_module.load(REPO / "configs" / "pipeline.yaml", environ=environ)
+    async with Runtime(config, serve_api=False) as runtime:
+        (tmp_path / "readings" / "sf-temps.csv").write_bytes(source.read_bytes())
+        report_file = tmp_path / "reports" / "sf-temps.json"
+        archive_file = tmp_path / "archive" / "sf-temps.jsonl"
+        await eventually(lambda: report_file.exists() and archive_file.exists())
+        report = json.loads(report_file.read_text())
+        assert report["rows"] == len(expected)
+        temps = [float(row["temp"]) for row in expected]
+        assert report["columns"]["temp"]["max"] == max(temps)
+        assert len(archive_file.read_text().splitlines()) == len(expected)
+        functions = runtime.status()["functions"]
+        assert all(functions[name]["dead_letters"] == 0 for name in functions)
