@@ -54,6 +54,10 @@ def _api_call(config: Config, method: str, path: str, body: bytes | None = None,
 # ------------------------------------------------------------------------- commands
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -64,10 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runtime = Runtime(config)
     names = ", ".join(config.functions) or "none"
-    print(f"flowrun: {len(config.functions)} functions ({names}), "
-          f"{len(config.triggers)} triggers; state in {config.state_dir}", flush=True)
-    if config.api is not None:
-        print(f"flowrun: management API on http://{config.api.listen}", flush=True)
+    print(f"flowrun: {_count(len(config.functions), 'function')} ({names}), "
+          f"{_count(len(config.triggers), 'trigger')}; state in {config.state_dir}", flush=True)
     loop = new_event_loop()
     try:
         loop.run_until_complete(runtime.serve())
@@ -83,8 +85,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for trigger in config.triggers:
         kinds[trigger.type] = kinds.get(trigger.type, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    print(f"{_config_path(args)}: ok — {len(config.functions)} functions, "
-          f"{len(config.triggers)} triggers" + (f" ({summary})" if summary else ""))
+    print(f"{_config_path(args)}: ok — {_count(len(config.functions), 'function')}, "
+          f"{_count(len(config.triggers), 'trigger')}" + (f" ({summary})" if summary else ""))
     return 0
 
 
@@ -97,7 +99,11 @@ def _payload(text: str | None) -> bytes:
     if text is None:
         return b"{}"
     if text.startswith("@"):
-        data = sys.stdin.buffer.read() if text == "@-" else Path(text[1:]).read_bytes()
+        try:
+            data = sys.stdin.buffer.read() if text == "@-" else Path(text[1:]).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"flowrun invoke: --payload {text}: cannot read: "
+                             f"{exc.strerror or exc}") from None
     else:
         data = text.encode()
     try:
@@ -148,8 +154,10 @@ async def _invoke_locally(config: Config, name: str, payload: bytes, async_: boo
     except FlowrunError as exc:
         print(json.dumps(exc.to_dict()))
         return 1
-    if logs and result.logs:
-        sys.stderr.write(result.logs)
+    if logs:
+        from flowrun.logs import lines
+
+        sys.stderr.write(lines(result))
     if async_:
         print(json.dumps({"StatusCode": 202, "RequestId": result.request_id}))
         return 0

@@ -318,7 +318,7 @@ class WorkerProcess:
         return RawResult(status="error", error=reply.get("error"), **common)
 
     def _failure(self, request_id: str, timeout_s: float, elapsed_ms: float) -> RawResult:
-        if self.timed_out:
+        if self.timed_out and not self.placement.oom_killed():
             return RawResult(status="timeout", duration_ms=timeout_s * 1000,
                              max_memory_mb=self.placement.peak_memory_mb() or 0,
                              error={"errorType": "Sandbox.Timedout",

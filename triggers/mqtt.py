@@ -426,7 +426,8 @@ class MqttTrigger(Trigger):
             batch = await self._next_batch()
             await self._slots.acquire()
             try:
-                await self.host.wait_for_capacity(self.config.function)
+                if self._mode() == "sync":  # event mode waits on the queue's bound instead
+                    await self.host.wait_for_capacity(self.config.function)
             except BaseException:
                 self._slots.release()
                 raise

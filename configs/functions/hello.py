@@ -1,7 +1,8 @@
 """Greet whoever POSTs to /hello: API Gateway HTTP API (payload 2.0) in, a response out.
 
 The name comes from the JSON body (``{"name": "edge"}``), else the ``name`` query
-parameter, else "world".
+parameter, else "world". Invoked directly (``flowrun invoke hello -p '{"name": "edge"}'``)
+the event itself may carry the name.
 """
 
 import base64
@@ -9,6 +10,8 @@ import json
 
 
 def _name(event: dict) -> str:
+    if event.get("name") and "requestContext" not in event:  # invoked directly: {"name": ...}
+        return str(event["name"])
     body = event.get("body") or ""
     if event.get("isBase64Encoded"):
         body = base64.b64decode(body).decode("utf-8", "replace")

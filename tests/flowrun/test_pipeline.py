@@ -101,7 +101,7 @@ def test_a_destination_naming_an_unknown_function_is_a_config_error(make_config)
 
 async def test_a_csv_dropped_in_the_example_folder_flows_through_the_example_pipeline(tmp_path):
     environ = {**os.environ, "FLOWRUN_STATE_DIR": str(tmp_path / "state"),
-               "READINGS_DIR": str(tmp_path / "readings"),
+               "READINGS_DIR": str(tmp_path / "readings"), "STAGING_DIR": str(tmp_path / "stage"),
                "ARCHIVE_DIR": str(tmp_path / "archive"), "REPORT_DIR": str(tmp_path / "reports")}
     (tmp_path / "readings").mkdir()
     config = config_module.load(REPO / "configs" / "pipeline.yaml", environ=environ)
