@@ -81,6 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args)
+    missing = config_module.code_issues(config)
+    if missing:
+        raise ConfigError(missing)
     kinds: dict[str, int] = {}
     for trigger in config.triggers:
         kinds[trigger.type] = kinds.get(trigger.type, 0) + 1

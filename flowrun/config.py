@@ -8,6 +8,7 @@ from the environment in every string value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -363,7 +364,7 @@ def _issues_from(exc: ValidationError, file: str, root: Any, prefix: tuple[Any, 
     issues = []
     seen: set[tuple[str, str]] = set()
     for loc, detail in chosen:
-        path = (*prefix, *loc)
+        path = _from_defaults(root, (*prefix, *loc))
         message = (str(detail["msg"]) if detail["type"] == "union"
                    else _describe({**detail, "loc": loc}, model))
         if (_dotted(path), message) in seen:
@@ -371,6 +372,26 @@ def _issues_from(exc: ValidationError, file: str, root: Any, prefix: tuple[Any, 
         seen.add((_dotted(path), message))
         issues.append(ConfigIssue(file, line_of(root, path), _dotted(path), message))
     return issues
+
+
+def _from_defaults(root: Any, path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Point an error in a value a function inherited from ``defaults`` at ``defaults``."""
+    if len(path) < 3 or path[0] != "functions" or not isinstance(root, dict):
+        return path
+    functions, defaults = root.get("functions"), root.get("defaults")
+    if not isinstance(functions, dict) or not isinstance(defaults, dict):
+        return path
+    own = functions.get(path[1])
+    key, rest = path[2], path[3:]
+    if not isinstance(own, dict) or key not in defaults:
+        return path
+    if key not in own:
+        return ("defaults", key, *rest)
+    inherited = defaults[key]
+    if rest and isinstance(own[key], dict) and isinstance(inherited, dict) \
+            and rest[0] not in own[key] and rest[0] in inherited:
+        return ("defaults", key, *rest)
+    return path
 
 
 def _plain(node: Any) -> Any:
@@ -577,6 +598,46 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raise ConfigError([ConfigIssue(str(file), None, "", f"cannot read: {exc.strerror}")]) from None
     config = parse(text, str(file), environ, file.resolve().parent)
     return config.model_copy(update={"source": file.resolve()})
+
+
+def _module_found(code: Path, module: str) -> bool:
+    base = code.joinpath(*module.split("."))
+    if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+        return True
+    import importlib.util
+
+    try:  # an installed package (a layer, in Lambda's words)
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def code_issues(config: Config) -> list[ConfigIssue]:
+    """Functions whose ``code`` folder or handler module does not exist (``flowrun validate``).
+
+    Not part of loading: an embedding app may write its code after building its config.
+    """
+    file = str(config.source) if config.source else "<config>"
+    root: Any = None
+    if config.source is not None:
+        with contextlib.suppress(Exception):
+            root = YAML(typ="rt").load(config.source.read_text(encoding="utf-8"))
+    issues = []
+    for name, fn in config.functions.items():
+        module = fn.handler.rpartition(".")[0]
+        if not fn.code.is_dir():
+            path: tuple[Any, ...] = ("functions", name, "code")
+            message = f"no such folder {str(fn.code)!r}; `code` is relative to the config's folder"
+        elif not _module_found(fn.code, module):
+            path = ("functions", name, "handler")
+            message = (f"no module {module!r} in {str(fn.code)!r} (looked for "
+                       f"{module.replace('.', '/')}.py) nor installed")
+        else:
+            continue
+        path = _from_defaults(root, path) if root is not None else path
+        issues.append(ConfigIssue(file, line_of(root, path) if root is not None else None,
+                                  _dotted(path), message))
+    return issues
 
 
 def json_schema() -> dict[str, Any]:

@@ -285,7 +285,7 @@ def test_an_unknown_default_and_a_bad_default_value_are_errors() -> None:
     assert issues[0].line == 3 and issues[0].path == "defaults.memroy_mb"
     assert issues[0].message.startswith("unknown key; valid keys: async_queue_size, code, ")
     assert "handler" not in issues[0].message
-    assert issues[1].path == "functions.a.timeout_s"
+    assert (issues[1].line, issues[1].path) == (4, "defaults.timeout_s")
     assert "expected a number of seconds, got 'never'" in issues[1].message
 
 
@@ -446,3 +446,26 @@ def test_the_schema_accepts_the_example_and_rejects_a_bad_config() -> None:
     assert [e.message for e in validator.iter_errors(document)] == []
     bad = {"functions": {"a": {"handler": "a.handler", "memory_mb": "lots"}}}
     assert list(validator.iter_errors(bad))
+
+
+def test_an_error_in_an_inherited_default_points_at_the_defaults_line_once(tmp_path) -> None:
+    path = tmp_path / "flowrun.yaml"
+    path.write_text("defaults:\n  memory_mb: lots\nfunctions:\n  a:\n    handler: m.a\n"
+                    "  b:\n    handler: m.b\n")
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path)
+    assert [str(i) for i in caught.value.issues] == [
+        f"{path}:2: defaults.memory_mb: expected a whole number of MB, got 'lots'"]
+
+
+def test_validate_names_a_missing_code_folder_and_a_missing_handler_module(tmp_path) -> None:
+    (tmp_path / "fns").mkdir()
+    (tmp_path / "fns" / "real.py").write_text("def handler(event, context):\n    return 1\n")
+    path = tmp_path / "flowrun.yaml"
+    path.write_text("functions:\n  a:\n    handler: real.handler\n    code: fns\n"
+                    "  b:\n    handler: ghost.handler\n    code: fns\n"
+                    "  c:\n    handler: real.handler\n    code: nowhere\n")
+    issues = config_module.code_issues(config_module.load(path))
+    assert [(i.line, i.path) for i in issues] == [(6, "functions.b.handler"),
+                                                  (10, "functions.c.code")]
+    assert "no module 'ghost'" in issues[0].message
