@@ -56,7 +56,7 @@ def write_config(folder: Path, tag: str, concurrency: int) -> Path:
     path.write_text(textwrap.dedent(f"""
         state_dir: state-{tag}-{time.monotonic_ns()}
         functions:
-          noop: {{handler: fn.handler, code: ., concurrency: {concurrency},
+          noop: {{handler: fn.handler, code: ., concurrency: {concurrency}, cpus: 1,
                   async_queue_size: 10000000, retries: 0}}
     """))
     return path
