@@ -30,6 +30,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flowrun.api import DRAIN_CAP_BYTES, read_limited
 from triggers.base import Trigger, TriggerConfig, TriggerHost
 
 log = logging.getLogger("flowrun.http")
@@ -40,7 +41,6 @@ API_ID = "flowrun"
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
               "application/x-www-form-urlencoded", "application/graphql", "application/yaml")
 TEXT_SUFFIXES = ("+json", "+xml", "+yaml")
-DRAIN_CAP_BYTES = 64 * 1024 * 1024
 _SEGMENT = re.compile(r"^(\{[A-Za-z_][A-Za-z0-9_\-]*\+?\}|[^{}]*)$")
 
 
@@ -372,20 +372,8 @@ class HttpServer:
         return None
 
     async def _read(self, request: web.Request) -> bytes | None:
-        """The body, or None past the limit. An oversized body the client sends anyway is
-        read and dropped (up to a cap) so that it gets the 413 rather than a reset."""
-        limit = self.settings.max_body_bytes
-        if self._too_large(request):
-            if (request.content_length or 0) <= DRAIN_CAP_BYTES:
-                async for _ in request.content.iter_chunked(1 << 16):
-                    pass
-            return None
-        data = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            data += chunk
-            if len(data) > limit:
-                return None
-        return bytes(data)
+        """The body, or None past the limit (an oversized body is drained, see read_limited)."""
+        return await read_limited(request, self.settings.max_body_bytes)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
