@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,12 +28,6 @@ def flowrun(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, cwd=REPO)
 
 
-async def eventually(predicate: Callable[[], object], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def dead(runtime) -> dict[str, int]:

@@ -12,11 +12,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from waiting import eventually
 
 from flowrun import config as config_module
 from flowrun.runtime import Runtime
@@ -37,13 +37,6 @@ def config_text(tmp_path: Path, **function: object) -> str:
     settings.update(function)
     return "state_dir: state\nfunctions:\n  fn: " + json.dumps(settings) + "\n"
 
-
-async def eventually(predicate: Callable[[], object], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def lines(path: Path) -> list[str]:
