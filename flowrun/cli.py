@@ -180,6 +180,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         raise SystemExit(f"flowrun report: --since: {exc}") from None
+    if args.function and args.function not in config.functions:
+        raise SystemExit(f"flowrun report: no function named {args.function!r}; "
+                         f"defined: {', '.join(sorted(config.functions)) or 'none'}")
     rows = read_rows(config.state_dir, since, args.function)
     sys.stdout.write(render(summarize(rows, config.billing), args.format))
     return 0
