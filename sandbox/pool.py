@@ -56,7 +56,7 @@ class WorkerSpec:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RawResult:
     """One invocation as the worker (or its death) reported it."""
 
@@ -412,7 +412,7 @@ class FunctionPool:
             else:
                 worker.close()
         if init_ms is not None:
-            return RawResult(**{**result.__dict__, "init_ms": init_ms})
+            result.init_ms = init_ms
         return result
 
     async def reap_idle(self, now: float | None = None) -> int:
