@@ -35,6 +35,7 @@ from flowrun.types import (
     InvocationResult,
 )
 from sandbox.isolation import Limiter
+from sandbox.limits.cgroups import cpu_share
 from sandbox.pool import WorkerPool, WorkerSpec
 from triggers import registry
 from triggers.base import Trigger
@@ -73,7 +74,6 @@ def lambda_environment(name: str, fn: FunctionConfig, tmp_dir: Path) -> dict[str
 
 
 DEFAULT_SPIN_US = 100
-ONE_CPU_MB = 1769
 
 
 def spin_us(fn: FunctionConfig) -> int:
@@ -81,8 +81,7 @@ def spin_us(fn: FunctionConfig) -> int:
     with less than a whole CPU (its cgroup quota) would rather keep for its handler."""
     if fn.spin_us is not None:
         return fn.spin_us
-    share = fn.cpus if fn.cpus is not None else fn.memory_mb / ONE_CPU_MB
-    return DEFAULT_SPIN_US if share >= 1 else 0
+    return DEFAULT_SPIN_US if cpu_share(fn.memory_mb, fn.cpus) >= 1 else 0
 
 
 class Runtime:
@@ -300,9 +299,8 @@ class Runtime:
             }
             if self.async_queue is not None:
                 functions[name].update(self.async_queue.status_fields(name))
-            role = getattr(self.pool.limiter, "describe_function", None)
-            if role is not None:  # cpus, pids_max, user, network as enforced here
-                functions[name].update(role(pool.spec.settings))
+            # cpus, pids_max, user, network as enforced here
+            functions[name].update(self.pool.limiter.describe_function(pool.spec.settings))
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0,

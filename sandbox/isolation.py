@@ -23,6 +23,10 @@ class Placement(Protocol):
 
     def cpu_usage_ms(self) -> float | None: ...
 
+    def measures_peak_memory(self) -> bool:
+        """True when ``peak_memory_mb`` gives a per-invocation peak (the worker need not probe)."""
+        ...
+
     def oom_killed(self) -> bool: ...
 
     def kill_all(self) -> None:
@@ -41,8 +45,16 @@ class Limiter(Protocol):
         """Argv to put before the worker command (e.g. a namespace helper); may be empty."""
         ...
 
+    def worker_environment(self, settings: Mapping[str, Any]) -> dict[str, str]:
+        """Variables the worker needs to enter its role (namespaces, scratch, user)."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Which limits are enforced and by what, for ``flowrun status``."""
+        ...
+
+    def describe_function(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """One function's limits as enforced here (a line of ``flowrun status``)."""
         ...
 
 
@@ -58,6 +70,9 @@ class NullPlacement:
 
     def cpu_usage_ms(self) -> float | None:
         return None
+
+    def measures_peak_memory(self) -> bool:
+        return False
 
     def oom_killed(self) -> bool:
         return False
@@ -82,6 +97,12 @@ class NoIsolation:
 
     def command_prefix(self, settings: Mapping[str, Any]) -> Sequence[str]:
         return ()
+
+    def worker_environment(self, settings: Mapping[str, Any]) -> dict[str, str]:
+        return {}
+
+    def describe_function(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {

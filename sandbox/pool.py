@@ -119,9 +119,7 @@ class WorkerProcess:
         env["FLOWRUN_FD_IN"] = str(to_worker_r)
         env["FLOWRUN_FD_OUT"] = str(from_worker_w)
         env["FLOWRUN_LIMITS"] = rlimits.encode(self._limiter.rlimits(self.spec.settings))
-        worker_environment = getattr(self._limiter, "worker_environment", None)
-        if worker_environment is not None:  # e.g. FLOWRUN_ENTER: namespaces, scratch, user
-            env.update(worker_environment(self.spec.settings))
+        env.update(self._limiter.worker_environment(self.spec.settings))  # FLOWRUN_ENTER
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
         )
@@ -167,9 +165,8 @@ class WorkerProcess:
         return float(ready.get("init_ms", 0.0)), ready.get("error")
 
     def _cgroup_measures_memory(self) -> bool:
-        measures = getattr(self.placement, "measures_peak_memory", None)
         try:
-            return bool(measures()) if measures is not None else False
+            return self.placement.measures_peak_memory()
         except OSError:
             return False
 

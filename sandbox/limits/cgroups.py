@@ -241,7 +241,8 @@ class WorkerCgroups:
         """True when this cgroup gives a per-invocation peak (so the worker need not probe)."""
         if self._peak_fd < 0 or self.memory is None:
             return False
-        return bool(version_module(self.memory[0]).reset_peak(self._peak_fd))
+        self._peak_resettable = bool(version_module(self.memory[0]).reset_peak(self._peak_fd))
+        return self._peak_resettable
 
     def before_invoke(self) -> None:
         if not self._quota_applied and self.cpu is not None:
