@@ -58,6 +58,10 @@ class FolderDestination:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     async def send(self, record: dict[str, Any]) -> None:
+        # the fsync must not stall the event loop (the queue's consumers share it)
+        await asyncio.to_thread(self._write, record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         context = record.get("requestContext") or {}
         request_id = context.get("requestId") or str(uuid.uuid4())
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -14,12 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowrun.config import Config
-
-
-def _targets(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
+from flowrun.queue import destination_list
 
 
 def _functions(destinations: list[str]) -> tuple[str, ...]:
@@ -47,7 +42,7 @@ class Pipeline:
 def steps_of(config: Config) -> dict[str, Step]:
     out = {}
     for name, fn in config.functions.items():
-        success, failure = _targets(fn.on_success), _targets(fn.on_failure)
+        success, failure = destination_list(fn.on_success), destination_list(fn.on_failure)
         out[name] = Step(name, tuple(success), tuple(failure),
                          _functions(success) + tuple(f for f in _functions(failure)
                                                      if f not in _functions(success)))

@@ -35,6 +35,7 @@ from pydantic import Field, field_validator
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from flowrun.ledger import connect
 from flowrun.types import FlowrunError, InvocationResult, TooManyRequestsException
 from triggers.base import Trigger, TriggerConfig, TriggerHost
 
@@ -221,10 +222,8 @@ class ProcessedIndex:
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db = connect(self.path)
+        db.execute("PRAGMA busy_timeout=30000")
         db.executescript(self.SCHEMA)
         self._db = db
 
@@ -246,14 +245,6 @@ class ProcessedIndex:
             " AND mtime_ns=? AND status IN ('done', 'failed', 'skipped') ORDER BY id DESC",
             (self.scope, key, obs.size, obs.mtime_ns)).fetchone()
         return FileVersion(key, obs.size, obs.mtime_ns, row[0]) if row else None
-
-    def status_of(self, kind: Kind, version: FileVersion) -> str | None:
-        row = self.db.execute(
-            "SELECT status FROM versions WHERE scope=? AND key=? AND kind=? AND size=?"
-            " AND mtime_ns=? AND etag=?",
-            (self.scope, version.key, kind.value, version.size, version.mtime_ns,
-             version.etag)).fetchone()
-        return str(row[0]) if row else None
 
     def record(self, kind: Kind, version: FileVersion, status: str, *, attempts: int = 0,
                error: str | None = None, request_id: str | None = None) -> None:
@@ -567,7 +558,7 @@ class FileTrigger(Trigger):
     async def _settled(self, rel: str, obs: Observation) -> None:
         """``rel`` stayed unchanged for settle_ms: find its version and invoke if new."""
         try:
-            version = self.index.finished(rel, obs)
+            version = finished = self.index.finished(rel, obs)
             if version is None:
                 try:
                     etag = await asyncio.to_thread(md5_hex, self.folder / rel)
@@ -583,8 +574,7 @@ class FileTrigger(Trigger):
             self._hashing.discard(rel)
         self._known[rel] = (obs, version)
         self._unreadable_keys.discard(rel)
-        status = self.index.status_of(Kind.CREATED, version)
-        if status in ProcessedIndex.FINISHED:
+        if finished is not None:  # this very version was handled before (a restart)
             return
         self._counts["seen"] += 1
         if Kind.CREATED.value not in self.config.events:

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flowrun.api import DRAIN_CAP_BYTES, read_limited
+from flowrun.types import FlowrunError, RequestTooLargeException, TooManyRequestsException
 from triggers.base import Trigger, TriggerConfig, TriggerHost
 
 log = logging.getLogger("flowrun.http")
@@ -400,12 +401,6 @@ class HttpServer:
         return response
 
     async def _invoke(self, route: Route, event: dict[str, Any]) -> web.Response:
-        from flowrun.types import (
-            RequestTooLargeException,
-            ResourceNotFoundException,
-            TooManyRequestsException,
-        )
-
         request_id = event["requestContext"]["requestId"]
         try:
             result = await self.host.invoke(route.function, event, source=f"http:{route.key}")
@@ -415,7 +410,7 @@ class HttpServer:
             return gateway_error(429, "Too Many Requests", request_id)
         except RequestTooLargeException:
             return gateway_error(413, "Request Entity Too Large", request_id)
-        except ResourceNotFoundException:
+        except FlowrunError:  # unknown function, no queue, ...: API Gateway's 500
             return gateway_error(500, "Internal Server Error", request_id)
         if result.status == "timeout":
             return gateway_error(504, "Endpoint request timed out", request_id)

@@ -38,12 +38,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from pydantic import Field, field_validator, model_validator
 
+from flowrun.config import DESTINATION_PATTERN
+from flowrun.types import FlowrunError, TooManyRequestsException
 from triggers.base import Trigger, TriggerConfig, TriggerHost
 
 log = logging.getLogger("flowrun.kafka")
 
 MAX_BATCH_SIZE = 10_000
-DESTINATION_PATTERN = r"^(function:[A-Za-z0-9_\-]+|folder:.+|dlq|kafka:.+|mqtt:.+)$"
 SERVERS_ENV = "FLOWRUN_KAFKA_BOOTSTRAP_SERVERS"
 
 
@@ -559,8 +560,6 @@ class KafkaTrigger(Trigger):
 
     async def _deliver(self, part: _Partition, batch: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Invoke until the batch succeeds or its retries run out; commit as it goes."""
-        from flowrun.types import FlowrunError, TooManyRequestsException
-
         pending = batch
         failures = 0
         while pending and not part.revoking:
