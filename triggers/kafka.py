@@ -151,32 +151,6 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-def record_json(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
-    """One record as Lambda's self-managed Kafka event has it (base64 key and value)."""
-    out: dict[str, Any] = {
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "timestamp": record.timestamp,
-        "timestampType": "LOG_APPEND_TIME" if record.timestamp_type == 1 else "CREATE_TIME",
-    }
-    if record.key is not None:
-        out["key"] = _b64(record.key)
-    out["value"] = _b64(record.value)
-    out["headers"] = [{name: list(value or b"")} for name, value in record.headers]
-    return out
-
-
-def kafka_event(records: Sequence[ConsumerRecord[bytes, bytes]],
-                bootstrap_servers: Sequence[str]) -> dict[str, Any]:
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        grouped.setdefault(f"{record.topic}-{record.partition}", []).append(record_json(record))
-    return {"eventSource": "SelfManagedKafka",
-            "bootstrapServers": ",".join(bootstrap_servers),
-            "records": grouped}
-
-
 def _record_text(record: ConsumerRecord[bytes, bytes], topic_json: str) -> str:
     key = "" if record.key is None else f'"key":"{_b64(record.key)}",'
     value = "null" if record.value is None else f'"{_b64(record.value)}"'
@@ -190,7 +164,8 @@ def _record_text(record: ConsumerRecord[bytes, bytes], topic_json: str) -> str:
 
 def kafka_event_json(records: Sequence[ConsumerRecord[bytes, bytes]],
                      bootstrap_servers: Sequence[str]) -> str:
-    """``kafka_event`` as JSON text, written directly (the hot path: no dict in between)."""
+    """Lambda's self-managed Kafka event as JSON text, written directly (the hot path: no
+    dict in between); base64 key and value, headers as lists of byte values."""
     grouped: dict[tuple[str, int], list[str]] = {}
     topics: dict[str, str] = {}
     for record in records:
@@ -737,7 +712,8 @@ class KafkaTrigger(Trigger):
                                           "firstRecordTimestamp": _iso_ms(record.timestamp)})
             entry["lastRecordOffset"] = str(record.offset)
             entry["lastRecordTimestamp"] = _iso_ms(record.timestamp)
-        event = kafka_event(records, self.config.bootstrap_servers)
+        event_text = kafka_event_json(records, self.config.bootstrap_servers)
+        event = json.loads(event_text)
         response: dict[str, Any] = {"statusCode": 200, "executedVersion": "$LATEST"}
         if not result.ok:
             response["functionError"] = "Unhandled"
@@ -752,7 +728,7 @@ class KafkaTrigger(Trigger):
             "responsePayload": result.error if not result.ok else result.payload,
             "KafkaBatchInfo": {"batchSize": len(records),
                                "bootstrapServers": ",".join(self.config.bootstrap_servers),
-                               "payloadSize": len(json.dumps(event)),
+                               "payloadSize": len(event_text.encode()),  # what was invoked
                                "recordsInfo": info},
             "requestPayload": event,  # the records themselves: `flowrun dlq` can redrive them
         }
