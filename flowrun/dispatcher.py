@@ -90,7 +90,9 @@ class Gate:
 
 def billed_ms(duration_ms: float, granularity_ms: int) -> int:
     """Round up to the billing granularity, at least one unit."""
-    units = max(1, math.ceil(round(duration_ms, 6) / granularity_ms))
+    if duration_ms <= granularity_ms:
+        return granularity_ms
+    units = math.ceil(round(duration_ms, 6) / granularity_ms)
     return units * granularity_ms
 
 
@@ -156,22 +158,27 @@ class Dispatcher:
 
     def _result(self, name: str, function: FunctionConfig, request_id: str, raw: RawResult,
                 started_at: float, attempt: int) -> InvocationResult:
+        duration_ms = raw.duration_ms
+        billed = billed_ms(duration_ms, self.billing.granularity_ms)
+        if raw.status == "success":
+            return InvocationResult(request_id, name, "success", raw.payload_json, None, None, (),
+                                    raw.logs, duration_ms, billed, raw.init_ms,
+                                    function.memory_mb, raw.max_memory_mb, raw.cpu_user_ms,
+                                    raw.cpu_system_ms, started_at, attempt)
         error = raw.error or {}
-        status = raw.status if raw.status in ("success", "timeout") else "error"
-        memory = raw.max_memory_mb
-        if error.get("errorType") == "Runtime.OutOfMemory":
-            memory = function.memory_mb
+        error_type = error.get("errorType")
+        memory = function.memory_mb if error_type == "Runtime.OutOfMemory" else raw.max_memory_mb
         return InvocationResult(
             request_id=request_id,
             function=name,
-            status=status,  # type: ignore[arg-type]
-            payload_json=raw.payload_json if status == "success" else "null",
-            error_type=error.get("errorType"),
+            status="timeout" if raw.status == "timeout" else "error",
+            payload_json="null",
+            error_type=error_type,
             error_message=error.get("errorMessage"),
             stack_trace=tuple(error.get("stackTrace") or ()),
             logs=raw.logs,
-            duration_ms=raw.duration_ms,
-            billed_duration_ms=billed_ms(raw.duration_ms, self.billing.granularity_ms),
+            duration_ms=duration_ms,
+            billed_duration_ms=billed,
             init_duration_ms=raw.init_ms,
             memory_size_mb=function.memory_mb,
             max_memory_used_mb=memory,

@@ -1,8 +1,9 @@
 """How a worker is confined beyond rlimits: the ``Limiter`` interface the pool calls.
 
 A ``Limiter`` hands out one ``Placement`` per worker. The pool places the worker right after
-it starts (before any user code runs), asks it before and after each invocation for the
-memory peak and for an out-of-memory kill, and releases it when the worker is gone.
+it starts (before any user code runs), hands the worker its peak memory counter (which
+the worker resets and reads around each invocation), asks after a worker's death for the
+peak and for an out-of-memory kill, and releases it when the worker is gone.
 ``NoIsolation`` is the stand-in that enforces nothing beyond rlimits.
 """
 
@@ -15,16 +16,22 @@ from typing import Any, Protocol
 class Placement(Protocol):
     def place(self, pid: int) -> None: ...
 
-    def before_invoke(self) -> None: ...
-
-    def peak_memory_mb(self) -> int | None:
-        """Peak memory of the worker's cgroup since ``before_invoke``; None when unknown."""
+    def before_invoke(self) -> None:
+        """Called before every invocation; must be cheap after the first."""
         ...
 
-    def cpu_usage_ms(self) -> float | None: ...
+    def peak_counter(self) -> tuple[int, bytes] | None:
+        """A descriptor on a resettable peak memory counter and the bytes that reset it, for
+        the worker to inherit; None when the worker should measure its own peak RSS."""
+        ...
 
-    def measures_peak_memory(self) -> bool:
-        """True when ``peak_memory_mb`` gives a per-invocation peak (the worker need not probe)."""
+    def peak_memory_mb(self) -> int | None:
+        """Peak memory of the worker's cgroup since the worker last reset it; None when
+        unknown."""
+        ...
+
+    def cpu_usage_ms(self) -> float | None:
+        """CPU time of the worker's cgroup since it was made; None when unknown."""
         ...
 
     def oom_killed(self) -> bool: ...
@@ -71,8 +78,8 @@ class NullPlacement:
     def cpu_usage_ms(self) -> float | None:
         return None
 
-    def measures_peak_memory(self) -> bool:
-        return False
+    def peak_counter(self) -> tuple[int, bytes] | None:
+        return None
 
     def oom_killed(self) -> bool:
         return False

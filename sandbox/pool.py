@@ -103,6 +103,9 @@ class WorkerProcess:
         self._reader: asyncio.ReadTransport | None = None
         self._pidfd = -1
         self._write_fd = -1
+        self._encode = protocol.encoder()
+        self._deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self.alive = False
         self.invocations = 0
         self.last_used = time.monotonic()
@@ -119,6 +122,11 @@ class WorkerProcess:
         env["FLOWRUN_FD_IN"] = str(to_worker_r)
         env["FLOWRUN_FD_OUT"] = str(from_worker_w)
         env["FLOWRUN_LIMITS"] = rlimits.encode(self._limiter.rlimits(self.spec.settings))
+        pass_fds = [to_worker_r, from_worker_w]
+        counter = self._peak_counter()
+        if counter is not None:  # the worker resets and reads its cgroup's peak itself
+            env["FLOWRUN_PEAK_FD"] = f"{counter[0]}:{counter[1].decode()}"
+            pass_fds.append(counter[0])
         env.update(self._limiter.worker_environment(self.spec.settings))  # FLOWRUN_ENTER
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
@@ -128,7 +136,7 @@ class WorkerProcess:
         try:
             self.proc = subprocess.Popen(
                 argv, env=env, cwd=str(self.spec.code_dir), stdin=subprocess.DEVNULL,
-                pass_fds=(to_worker_r, from_worker_w), start_new_session=True,
+                pass_fds=pass_fds, start_new_session=True,
             )
         finally:
             os.close(to_worker_r)
@@ -154,8 +162,7 @@ class WorkerProcess:
         started = time.perf_counter()
         ready = await self._request({"t": "init", "handler": self.spec.handler,
                                      "code": str(self.spec.code_dir),
-                                     "spin_us": self.spec.spin_us,
-                                     "probe_memory": not self._cgroup_measures_memory()}, INIT_TIMEOUT_S)
+                                     "spin_us": self.spec.spin_us}, INIT_TIMEOUT_S)
         if ready is None:
             error = self._death_error("") if not self.timed_out else {
                 "errorType": "Runtime.InitTimeout",
@@ -164,11 +171,11 @@ class WorkerProcess:
             return (time.perf_counter() - started) * 1000, error
         return float(ready.get("init_ms", 0.0)), ready.get("error")
 
-    def _cgroup_measures_memory(self) -> bool:
+    def _peak_counter(self) -> tuple[int, bytes] | None:
         try:
-            return self.placement.measures_peak_memory()
+            return self.placement.peak_counter()
         except OSError:
-            return False
+            return None
 
     def _exited(self) -> None:
         self._gone("process exited")
@@ -179,6 +186,9 @@ class WorkerProcess:
                 asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.alive:
             self.alive = False
             self._kill_group()
@@ -226,7 +236,7 @@ class WorkerProcess:
         """Ask the worker to exit, then SIGTERM, then SIGKILL its group; release its cgroup."""
         if self.alive and self._writer is not None and self._waiter is None:
             with contextlib.suppress(Exception):
-                self._writer.write(protocol.encode({"t": "stop"}))
+                self._writer.write(self._encode({"t": "stop"}))
         deadline = time.monotonic() + STOP_GRACE_S
         if self.proc is not None:
             while self.proc.poll() is None and time.monotonic() < deadline:
@@ -271,9 +281,27 @@ class WorkerProcess:
             data = data[written:]
         self._writer.write(data)
 
-    def _on_timeout(self) -> None:
-        self.timed_out = True
-        self.kill()
+    def _arm(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        """Set the deadline of the request being sent. One watchdog timer per worker is
+        re-armed only when it would fire after the new deadline (cheaper than a timer per
+        request); when it fires early it looks at the current deadline and re-arms."""
+        deadline = self._deadline = loop.time() + timeout_s
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if self._waiter is None:
+            return  # idle: the next request arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self.timed_out = True
+            self.kill()
+        else:
+            self._watchdog = loop.call_at(self._deadline, self._check_deadline)
 
     async def _request(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         if not self.alive or self._writer is None:
@@ -282,14 +310,13 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         self._waiter = waiter
-        self._send(protocol.encode(frame))
-        timer = loop.call_later(timeout_s, self._on_timeout)
+        self._arm(loop, timeout_s)
+        self._send(self._encode(frame))
         _in_flight += 1
         try:
             return await waiter
         finally:
             _in_flight -= 1
-            timer.cancel()
 
     async def invoke(self, request_id: str, event_json: str | bytes, timeout_s: float,
                      extra: Mapping[str, Any] | None = None) -> RawResult:
@@ -304,15 +331,14 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         if reply is None:
             return self._failure(request_id, timeout_s, (time.perf_counter() - started) * 1000)
-        memory_mb = self.placement.peak_memory_mb()
-        if memory_mb is None:
-            memory_mb = -(-int(reply.get("max_rss_kb", 0)) // 1024)
-        common = {"logs": reply.get("logs", ""), "duration_ms": reply.get("duration_ms", 0.0),
-                  "max_memory_mb": memory_mb, "cpu_user_ms": reply.get("cpu_user_ms", 0.0),
-                  "cpu_system_ms": reply.get("cpu_system_ms", 0.0)}
-        if reply.get("ok"):
-            return RawResult(status="success", payload_json=reply.get("payload", "null"), **common)
-        return RawResult(status="error", error=reply.get("error"), **common)
+        memory_mb = -(-reply.get("max_memory_kb", 0) // 1024)
+        if reply["ok"]:
+            return RawResult("success", reply.get("payload", "null"), None, reply["logs"],
+                             reply["duration_ms"], None, memory_mb, reply["cpu_user_ms"],
+                             reply["cpu_system_ms"])
+        return RawResult("error", "null", reply.get("error"), reply["logs"],
+                         reply["duration_ms"], None, memory_mb, reply["cpu_user_ms"],
+                         reply["cpu_system_ms"])
 
     def _failure(self, request_id: str, timeout_s: float, elapsed_ms: float) -> RawResult:
         if self.timed_out and not self.placement.oom_killed():

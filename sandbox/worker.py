@@ -27,25 +27,43 @@ from sandbox.limits import rlimits
 
 
 class LambdaContext:
-    """The context object Lambda passes as the handler's second argument."""
+    """The context object Lambda passes as the handler's second argument.
 
-    def __init__(self, request_id: str, deadline_ms: float, env: dict[str, str]) -> None:
+    The attributes that are the same for every invocation of a worker live on a subclass
+    made once per worker (``context_class``); an invocation only sets its request id and
+    deadline.
+    """
+
+    function_name = ""
+    function_version = "$LATEST"
+    invoked_function_arn = ""
+    memory_limit_in_mb = "128"
+    log_group_name = ""
+    log_stream_name = ""
+    identity = None
+    client_context = None
+
+    def __init__(self, request_id: str, deadline_ms: float) -> None:
         self.aws_request_id = request_id
-        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
-        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        self.invoked_function_arn = (
-            f"arn:aws:lambda:{env.get('AWS_REGION', 'local')}:000000000000:function:"
-            f"{self.function_name}"
-        )
-        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME", "")
-        self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME", "")
-        self.identity = None
-        self.client_context = None
         self._deadline_ms = deadline_ms
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int(self._deadline_ms - time.time() * 1000))
+
+
+def context_class(env: dict[str, str]) -> type[LambdaContext]:
+    """LambdaContext with this worker's function attributes, from Lambda's variables."""
+    name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
+    attributes = {
+        "function_name": name,
+        "function_version": env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        "invoked_function_arn": (f"arn:aws:lambda:{env.get('AWS_REGION', 'local')}:"
+                                 f"000000000000:function:{name}"),
+        "memory_limit_in_mb": env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        "log_group_name": env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
+        "log_stream_name": env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
+    }
+    return type("LambdaContext", (LambdaContext,), attributes)
 
 
 class _Capture(io.StringIO):
@@ -75,8 +93,9 @@ def _error(error_type: str, message: str, stack: list[str] | None = None) -> dic
     return {"errorType": error_type, "errorMessage": message, "stackTrace": stack or []}
 
 
-class _MemoryProbe:
-    """Per-invocation peak RSS: reset the kernel's high-water mark, read it back after.
+class RssPeak:
+    """Per-invocation peak RSS of this process: reset the kernel's high-water mark after
+    each reply, read it back after the next handler.
 
     Writing ``5`` to ``/proc/self/clear_refs`` resets the peak (Linux 4.0+). ``getrusage``
     follows that reset and is cheap, unless exec left it a parent's larger peak; then the
@@ -117,6 +136,31 @@ class _MemoryProbe:
         return self._rusage_kb() if self._use_rusage else self._hwm_kb()
 
 
+class CgroupPeak:
+    """Per-invocation peak of the worker's memory cgroup, through a descriptor the pool
+    opened on its resettable peak file (``memory.max_usage_in_bytes`` on cgroup v1,
+    ``memory.peak`` on v2 from Linux 6.12) and handed down: the worker resets it after
+    each reply, off the invocation's path, and reads it after the next handler.
+    """
+
+    def __init__(self, fd: int, reset_bytes: bytes) -> None:
+        self.fd = fd
+        self.reset_bytes = reset_bytes
+        self.reset()
+
+    def reset(self) -> None:
+        try:
+            os.pwrite(self.fd, self.reset_bytes, 0)
+        except OSError:
+            pass
+
+    def peak_kb(self) -> int:
+        try:
+            return int(os.pread(self.fd, 64, 0)) // 1024
+        except (OSError, ValueError):
+            return 0
+
+
 def _spin(poller: select.poll, spin_s: float) -> None:
     """Poll for the next frame for up to ``spin_s`` before blocking on the pipe.
 
@@ -133,17 +177,18 @@ def _spin(poller: select.poll, spin_s: float) -> None:
 
 
 class Worker:
-    def __init__(self, fd_in: int, fd_out: int) -> None:
+    def __init__(self, fd_in: int, fd_out: int, memory: RssPeak | CgroupPeak | None = None) -> None:
         self.fd_in = fd_in
         self.fd_out = fd_out
+        self.frames = protocol.FrameReader(fd_in)
+        self.encode = protocol.encoder()
         self.request_id = ""
         self.capture = _Capture()
         self.handler: Callable[[Any, Any], Any] | None = None
         self.init_error: dict[str, Any] | None = None
-        self.memory = _MemoryProbe()
-        self.env = dict(os.environ)
+        self.memory = memory or RssPeak()
+        self.context = context_class(dict(os.environ))
         self.spin_s = 0.0
-        self.probe_memory = True
 
     def init(self, handler_spec: str, code_dir: str) -> float:
         """Import the handler; returns the init duration in ms, or records an init error."""
@@ -176,10 +221,10 @@ class Worker:
 
     def invoke(self, frame: dict[str, Any]) -> dict[str, Any]:
         self.request_id = frame["id"]
-        self.capture = _Capture()
-        sys.stdout = sys.stderr = self.capture
-        if self.probe_memory:
-            self.memory.reset()
+        capture = self.capture
+        capture.seek(0)
+        capture.truncate()
+        sys.stdout = sys.stderr = capture
         cpu_before = os.times()
         started = time.perf_counter()
         result: dict[str, Any] = {"t": "result", "ok": True}
@@ -189,8 +234,7 @@ class Worker:
             else:
                 assert self.handler is not None
                 event = json.loads(frame["event"])
-                context = LambdaContext(self.request_id, frame["deadline_ms"], self.env)
-                value = self.handler(event, context)
+                value = self.handler(event, self.context(self.request_id, frame["deadline_ms"]))
                 try:
                     result["payload"] = json.dumps(value)
                 except (TypeError, ValueError) as exc:
@@ -206,30 +250,40 @@ class Worker:
         result["duration_ms"] = duration_ms
         result["cpu_user_ms"] = (cpu_after.user - cpu_before.user) * 1000
         result["cpu_system_ms"] = (cpu_after.system - cpu_before.system) * 1000
-        result["max_rss_kb"] = self.memory.peak_kb() if self.probe_memory else 0
-        result["logs"] = self.capture.getvalue()
+        result["max_memory_kb"] = self.memory.peak_kb()
+        result["logs"] = capture.getvalue()
         return result
 
     def serve(self) -> None:
-        init = protocol.read_frame(self.fd_in)
+        init = self.frames.read()
         self.spin_s = float(init.get("spin_us", 0)) / 1e6
-        self.probe_memory = bool(init.get("probe_memory", True))
         init_ms = self.init(init["handler"], init["code"])
         ready: dict[str, Any] = {"t": "ready", "init_ms": init_ms, "pid": os.getpid()}
         if self.init_error is not None:
             ready["error"] = self.init_error
-        protocol.write_frame(self.fd_out, ready)
+        protocol.write_all(self.fd_out, self.encode(ready))
+        self.memory.reset()
         poller = select.poll()
         poller.register(self.fd_in, select.POLLIN)
         while True:
             _spin(poller, self.spin_s)
             try:
-                frame = protocol.read_frame(self.fd_in)
+                frame = self.frames.read()
             except EOFError:
                 return
             if frame.get("t") == "stop":
                 return
-            protocol.write_frame(self.fd_out, self.invoke(frame))
+            protocol.write_all(self.fd_out, self.encode(self.invoke(frame)))
+            self.memory.reset()  # for the next invocation, while the daemon reads this one
+
+
+def _memory_probe(env: dict[str, str] | os._Environ[str]) -> RssPeak | CgroupPeak:
+    """The cgroup's peak counter when the pool handed one down, else this process's RSS."""
+    peak = env.pop("FLOWRUN_PEAK_FD", "")
+    if peak:
+        fd, _, reset = peak.partition(":")  # "FD:BYTES THAT RESET IT"
+        return CgroupPeak(int(fd), reset.encode())
+    return RssPeak()
 
 
 def main() -> None:
@@ -239,7 +293,7 @@ def main() -> None:
     os.environ.pop("FLOWRUN_LIMITS", None)
     role = os.environ.pop("FLOWRUN_ENTER", None)
     root = logging.getLogger()
-    worker = Worker(fd_in, fd_out)
+    worker = Worker(fd_in, fd_out, _memory_probe(os.environ))
     if role:  # namespaces, private scratch, another user: before any user code is imported
         from sandbox.limits import enter
 

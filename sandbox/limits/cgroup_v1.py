@@ -21,6 +21,9 @@ def set_memory(directory: Path, limit_bytes: int) -> None:
         cgroupfs.write(directory / "memory.swappiness", 0)
 
 
+PEAK_RESET = b"0"  # written to the peak file, resets it
+
+
 def open_peak(directory: Path) -> int:
     return os.open(directory / "memory.max_usage_in_bytes", os.O_RDWR)
 
@@ -28,7 +31,7 @@ def open_peak(directory: Path) -> int:
 def reset_peak(fd: int) -> bool:
     """Writing 0 resets the high-water mark to the current usage."""
     try:
-        os.pwrite(fd, b"0", 0)
+        os.pwrite(fd, PEAK_RESET, 0)
     except OSError:
         return False
     return True

@@ -68,6 +68,9 @@ def set_memory(directory: Path, limit_bytes: int) -> None:
         cgroupfs.write(oom_group, 1)
 
 
+PEAK_RESET = b"reset\n"  # written to the peak file, resets it
+
+
 def open_peak(directory: Path) -> int:
     return os.open(directory / "memory.peak", os.O_RDWR)
 
@@ -75,7 +78,7 @@ def open_peak(directory: Path) -> int:
 def reset_peak(fd: int) -> bool:
     """Linux 6.12+: writing to memory.peak resets the peak seen through this descriptor."""
     try:
-        os.pwrite(fd, b"reset\n", 0)
+        os.pwrite(fd, PEAK_RESET, 0)
     except OSError:
         return False
     return True

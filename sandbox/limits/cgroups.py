@@ -198,7 +198,6 @@ class WorkerCgroups:
         self._peak_fd = -1
         self._cpu_fd = -1
         self._peak_resettable = False
-        self._cpu_start_ms = 0.0
         self._quota_applied = False
         try:
             self._create()
@@ -237,28 +236,30 @@ class WorkerCgroups:
         for directory in self.dirs:
             cgroupfs.write(directory / "cgroup.procs", pid)
 
-    def measures_peak_memory(self) -> bool:
-        """True when this cgroup gives a per-invocation peak (so the worker need not probe)."""
+    def peak_counter(self) -> tuple[int, bytes] | None:
+        """A descriptor on this cgroup's peak memory counter and the bytes that reset it,
+        for the worker to inherit: it resets the peak after each reply (off the invocation's
+        path) and reads it after each handler. None without a memory cgroup or when this
+        kernel cannot reset the peak (cgroup v2 before Linux 6.12)."""
         if self._peak_fd < 0 or self.memory is None:
-            return False
-        self._peak_resettable = bool(version_module(self.memory[0]).reset_peak(self._peak_fd))
-        return self._peak_resettable
+            return None
+        module = version_module(self.memory[0])
+        self._peak_resettable = bool(module.reset_peak(self._peak_fd))
+        return (self._peak_fd, module.PEAK_RESET) if self._peak_resettable else None
 
     def before_invoke(self) -> None:
+        """The first invocation ends the init phase: the CPU quota drops from the init
+        burst to the function's share. Later calls cost one attribute test."""
         if not self._quota_applied and self.cpu is not None:
             version, directory = self.cpu
             version_module(version).set_cpu(directory, self.limits.cpu_quota_us,
                                             self.limits.cpu_period_us)
             self._quota_applied = True
-        if self._peak_fd >= 0 and self.memory is not None:
-            self._peak_resettable = version_module(self.memory[0]).reset_peak(self._peak_fd)
-        if self._cpu_fd >= 0 and self.cpuacct is not None:
-            self._cpu_start_ms = version_module(self.cpuacct[0]).read_cpu_usage_ms(self._cpu_fd)
 
     def peak_memory_mb(self) -> int | None:
-        """This invocation's peak when the kernel could reset it; after an OOM kill, the
-        worker's lifetime peak (which is then the limit); otherwise None (the pool then
-        shows the worker's own per-invocation peak RSS)."""
+        """The peak since the worker last reset it (this invocation's, when the worker died
+        or timed out in it); after an OOM kill without a resettable peak, the lifetime peak
+        (which is then the limit); otherwise None."""
         if self.memory is None or self._peak_fd < 0:
             return None
         module = version_module(self.memory[0])
@@ -272,12 +273,11 @@ class WorkerCgroups:
         return None
 
     def cpu_usage_ms(self) -> float | None:
-        """CPU time of the worker's cgroup (all its processes) since ``before_invoke``."""
+        """CPU time of the worker's cgroup (all its processes) since it was made."""
         if self._cpu_fd < 0 or self.cpuacct is None:
             return None
         try:
-            usage_ms = float(version_module(self.cpuacct[0]).read_cpu_usage_ms(self._cpu_fd))
-            return usage_ms - self._cpu_start_ms
+            return float(version_module(self.cpuacct[0]).read_cpu_usage_ms(self._cpu_fd))
         except (OSError, ValueError):
             return None
 

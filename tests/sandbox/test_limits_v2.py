@@ -15,6 +15,7 @@ from sandbox.limits import cgroup_v2
 from sandbox.limits.cgroups import CgroupTree, WorkerCgroups
 from sandbox.limits.detect import Controller, Host, detect
 from sandbox.limits.linux import LinuxLimiter
+from sandbox.worker import CgroupPeak
 
 MIB = 1024 * 1024
 V2_FILES = {
@@ -77,14 +78,20 @@ def test_v2_controllers_are_handed_down_through_subtree_control(fake_v2):
         assert sorted(enabled) == ["+cpu", "+memory", "+pids"]
 
 
-def test_v2_peak_is_reset_before_each_invocation_and_read_after(fake_v2):
+def test_v2_the_worker_is_handed_the_peak_counter_that_reset_writes_to(fake_v2):
     ours, limiter = fake_v2
     placement = limiter.placement("echo", "echo-1", SETTINGS)
     peak = ours / f"flowrun-{os.getpid()}" / "echo-1" / "memory.peak"
-    placement.before_invoke()
-    assert peak.read_text() == "reset\n"
+    counter = placement.peak_counter()
+    assert counter is not None
+    fd, reset = counter
+    assert (reset, peak.read_text()) == (b"reset\n", "reset\n")  # probed: resettable
+    probe = CgroupPeak(fd, reset)  # what the worker does with it
     peak.write_text(f"{50 * MIB}\n")  # the kernel's peak since the reset
-    assert placement.peak_memory_mb() == 50
+    assert probe.peak_kb() == 50 * 1024
+    assert placement.peak_memory_mb() == 50  # the daemon's view after a death
+    probe.reset()
+    assert peak.read_text().startswith("reset\n")
 
 
 def test_v2_an_oom_kill_is_read_from_memory_events_with_the_peak_at_the_limit(fake_v2):
@@ -107,8 +114,8 @@ def test_v2_without_a_resettable_peak_max_memory_falls_back_except_after_an_oom(
     worker = ours / f"flowrun-{os.getpid()}" / "echo-1"
     os.close(placement._peak_fd)
     placement._peak_fd = os.open(worker / "memory.peak", os.O_RDONLY)  # as before Linux 6.12
-    placement.before_invoke()
-    assert placement.peak_memory_mb() is None  # the pool shows the worker's own peak RSS
+    assert placement.peak_counter() is None  # so the worker measures its own peak RSS
+    assert placement.peak_memory_mb() is None
     (worker / "memory.events").write_text("oom_kill 1\n")
     (worker / "memory.peak").write_text(f"{128 * MIB}\n")
     assert placement.peak_memory_mb() == 128
@@ -118,10 +125,8 @@ def test_v2_cpu_usage_comes_from_cpu_stat(fake_v2):
     ours, limiter = fake_v2
     placement = limiter.placement("echo", "echo-1", SETTINGS)
     stat = ours / f"flowrun-{os.getpid()}" / "echo-1" / "cpu.stat"
-    stat.write_text("usage_usec 1000\nuser_usec 800\nsystem_usec 200\n")
-    placement.before_invoke()
     stat.write_text("usage_usec 251000\nuser_usec 200800\nsystem_usec 50200\n")
-    assert placement.cpu_usage_ms() == 250.0
+    assert placement.cpu_usage_ms() == 251.0
 
 
 def test_v2_the_daemon_moves_to_its_own_leaf_when_its_cgroup_refuses_controllers(tmp_path):
