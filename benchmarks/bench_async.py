@@ -35,7 +35,6 @@ from flowrun import config as config_module  # noqa: E402
 from flowrun import queue  # noqa: E402
 from flowrun.runtime import Runtime  # noqa: E402
 from sandbox.isolation import Limiter, NoIsolation  # noqa: E402
-from sandbox.spinloop import new_event_loop  # noqa: E402
 
 HANDLER = "def handler(event, context):\n    return None\n"
 CALLERS = 1000  # concurrent enqueuers, like many triggers or API clients at once
@@ -118,7 +117,7 @@ async def bench_async(path: Path, calls: int, concurrency: int, synchronous: str
 
 
 def run_on_spin_loop(make: Callable[[], object]) -> Figures:
-    loop = new_event_loop()
+    loop = asyncio.new_event_loop()
     try:
         result: Figures = loop.run_until_complete(make())  # type: ignore[arg-type]
         return result

@@ -2,7 +2,7 @@
 
 "on" is the default limiter (cgroups per controller, rlimits, mount namespace with the
 private scratch and the hidden state folder); "off" is ``NoIsolation`` (rlimits only). Both
-run the same no-op handler on the same ``sandbox.spinloop`` event loop, interleaved round by
+run the same no-op handler on the same event loop, interleaved round by
 round. The warm figures use ``memory_mb: 1769`` (one full CPU, so the CPU quota does not
 throttle a tight benchmark loop — that would measure the quota, not the mechanism); one extra
 row shows a 128 MB function, whose 0.07 CPU share a tight loop does run into.
@@ -13,6 +13,7 @@ row shows a 128 MB function, whose 0.07 CPU share a tight loop does run into.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,6 @@ from flowrun import config as config_module  # noqa: E402
 from flowrun.runtime import Runtime  # noqa: E402
 from sandbox.isolation import Limiter, NoIsolation  # noqa: E402
 from sandbox.limits.linux import LinuxLimiter  # noqa: E402
-from sandbox.spinloop import new_event_loop  # noqa: E402
 
 HANDLER = "def handler(event, context):\n    return None\n"
 
@@ -85,7 +85,7 @@ def main() -> None:
         (folder / "fn.py").write_text(HANDLER)
         for _ in range(args.rounds):
             for name, (make, memory_mb) in sides.items():
-                loop = new_event_loop()
+                loop = asyncio.new_event_loop()
                 try:
                     runs[name].append(loop.run_until_complete(run_side(
                         folder, name.replace(", ", "-").replace(" ", ""), make(), memory_mb,

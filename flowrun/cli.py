@@ -64,13 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                         format="%(message)s" if not args.verbose else
                         "%(asctime)s %(name)s %(levelname)s %(message)s")
     from flowrun.runtime import Runtime
-    from sandbox.spinloop import new_event_loop
 
     runtime = Runtime(config)
     names = ", ".join(config.functions) or "none"
     print(f"flowrun: {_count(len(config.functions), 'function')} ({names}), "
           f"{_count(len(config.triggers), 'trigger')}; state in {config.state_dir}", flush=True)
-    loop = new_event_loop()
+    loop = asyncio.new_event_loop()  # the worker pool keeps it polling while replies are due
     try:
         loop.run_until_complete(runtime.serve())
     finally:

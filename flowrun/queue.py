@@ -171,6 +171,9 @@ class Lane:
             self.ready.append(item)
         self.wakeup.set()
 
+    def has_due(self, now: float) -> bool:
+        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+
     def take(self, now: float) -> Item | None:
         while self.delayed and self.delayed[0][0] <= now:
             self.ready.append(heapq.heappop(self.delayed)[2])
@@ -540,12 +543,17 @@ class AsyncQueue:
             await self._attempt(lane, item)
 
     async def _next(self, lane: Lane, gate: Any) -> Item:
+        """Wait for an item that is due, then for room at the gate, then take it (when
+        another consumer took it meanwhile, wait again). Waiting for work first keeps idle
+        consumers asleep while synchronous invocations come and go through the gate."""
         while True:
-            await gate.wait_for_room()
             now = self.clock()
-            item = lane.take(now)
-            if item is not None:
-                return item
+            if lane.has_due(now):
+                await gate.wait_for_room()
+                item = lane.take(self.clock())
+                if item is not None:
+                    return item
+                continue
             lane.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lane.wakeup.wait(), lane.next_due_s(now))

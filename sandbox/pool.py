@@ -25,18 +25,13 @@ from typing import Any
 from sandbox import protocol
 from sandbox.isolation import Limiter, NoIsolation, Placement
 from sandbox.limits import rlimits
+from sandbox.spinloop import LoopSpinner
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 INIT_TIMEOUT_S = 10.0
 STOP_GRACE_S = 2.0
 _worker_ids = itertools.count(1)
-_in_flight = 0
 _reapers: set[asyncio.Task[None]] = set()
-
-
-def in_flight() -> int:
-    """Requests sent to workers and not yet answered, across all pools of this process."""
-    return _in_flight
 
 
 @dataclass(frozen=True)
@@ -91,8 +86,10 @@ class _FrameReader(asyncio.Protocol):
 class WorkerProcess:
     """One worker subprocess and the pipes to it."""
 
-    def __init__(self, spec: WorkerSpec, limiter: Limiter) -> None:
+    def __init__(self, spec: WorkerSpec, limiter: Limiter,
+                 spinner: LoopSpinner | None = None) -> None:
         self.spec = spec
+        self.spinner = spinner or LoopSpinner()
         self.id = f"{spec.function}-{next(_worker_ids)}"
         self.placement: Placement = limiter.placement(spec.function, self.id, spec.settings)
         self._limiter = limiter
@@ -306,17 +303,16 @@ class WorkerProcess:
     async def _request(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         if not self.alive or self._writer is None:
             return None
-        global _in_flight
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[dict[str, Any] | None] = loop.create_future()
         self._waiter = waiter
         self._arm(loop, timeout_s)
         self._send(self._encode(frame))
-        _in_flight += 1
+        self.spinner.sent(self.spec.spin_us)
         try:
             return await waiter
         finally:
-            _in_flight -= 1
+            self.spinner.answered()
 
     async def invoke(self, request_id: str, event_json: str | bytes, timeout_s: float,
                      extra: Mapping[str, Any] | None = None) -> RawResult:
@@ -386,9 +382,11 @@ class PoolStatistics:
 class FunctionPool:
     """The warm workers of one function."""
 
-    def __init__(self, spec: WorkerSpec, limiter: Limiter) -> None:
+    def __init__(self, spec: WorkerSpec, limiter: Limiter,
+                 spinner: LoopSpinner | None = None) -> None:
         self.spec = spec
         self.limiter = limiter
+        self.spinner = spinner or LoopSpinner()
         self.idle: list[WorkerProcess] = []
         self.busy: set[WorkerProcess] = set()
         self.cold_starts = 0
@@ -407,7 +405,7 @@ class FunctionPool:
                 break
             candidate.close()
         if worker is None:
-            worker = WorkerProcess(self.spec, self.limiter)
+            worker = WorkerProcess(self.spec, self.limiter, self.spinner)
             self.busy.add(worker)
             self.cold_starts += 1
             try:
@@ -463,11 +461,12 @@ class WorkerPool:
 
     def __init__(self, limiter: Limiter | None = None) -> None:
         self.limiter: Limiter = limiter or NoIsolation()
+        self.spinner = LoopSpinner()  # shared: the loop polls while any reply is due
         self.pools: dict[str, FunctionPool] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def add(self, spec: WorkerSpec) -> FunctionPool:
-        pool = FunctionPool(spec, self.limiter)
+        pool = FunctionPool(spec, self.limiter, self.spinner)
         self.pools[spec.function] = pool
         return pool
 

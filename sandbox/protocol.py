@@ -5,7 +5,8 @@ Every frame is a map with a ``"t"`` key naming its kind:
 
 - worker → daemon ``ready``: ``{"t": "ready", "init_ms": float}`` or with ``"error"``
 - daemon → worker ``invoke``: ``{"t": "invoke", "id", "event", "deadline_ms", ...}``
-- worker → daemon ``result``: ``{"t": "result", "ok": bool, "payload" | "error", "logs", ...}``
+- worker → daemon ``result``: ``{"t": "result", "ok": bool, "payload" | "error", "logs",
+  "duration_ms", "cpu_user_ms", "cpu_system_ms", "max_memory_kb"}``
 """
 
 from __future__ import annotations

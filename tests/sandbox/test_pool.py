@@ -137,3 +137,16 @@ async def test_a_killed_worker_does_not_take_the_daemon_down(make_runtime):
     final = await runtime.invoke("counter", {})
     assert final.status == "success"
     assert final.payload["pid"] != first.payload["pid"]
+
+
+async def test_the_timeout_holds_on_a_cold_start_and_after_many_quick_invocations(make_runtime):
+    """One watchdog timer per worker: the init's 10 s deadline must not stand for the first
+    invocation, nor an earlier invocation's deadline for a later one."""
+    runtime = await make_runtime(CONFIG)
+    first = await runtime.invoke("sleep", {"seconds": 3})  # would finish well before 10 s
+    assert first.status == "timeout"
+    for _ in range(20):
+        assert (await runtime.invoke("sleep", {"seconds": 0})).status == "success"
+    late = await runtime.invoke("sleep", {"seconds": 3})
+    assert late.status == "timeout"
+    assert late.error_message == "Task timed out after 0.50 seconds"
