@@ -13,7 +13,7 @@ import pytest
 
 from flowrun.config import BillingConfig
 from flowrun.dispatcher import billed_ms
-from flowrun.ledger import Ledger, LedgerRow, read_rows
+from flowrun.ledger import ROWS_PER_INSERT, Ledger, LedgerRow, read_rows
 from flowrun.report import FunctionReport, parse_since, percentile, render, summarize
 from flowrun.types import InvocationResult
 
@@ -174,3 +174,18 @@ def test_rows_are_read_back_from_the_ledger_on_disk_by_age_and_function(tmp_path
     assert [r.request_id for r in read_rows(tmp_path, since_s=3600, function="a")] == ["a-10"]
     assert read_rows(tmp_path / "nowhere") == []
     assert len(list(Ledger(tmp_path / "ledger.db").rows())) == 3  # read without open()
+
+
+async def test_a_flush_of_more_rows_than_one_insert_holds_writes_every_row_in_order(
+        tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db", flush_interval_s=60).open()
+    count = ROWS_PER_INSERT * 2 + 7  # two full statements and a short one
+    for n in range(count):
+        ledger.record(InvocationResult(f"r-{n}", "f", "success", duration_ms=n / 10,
+                                       billed_duration_ms=1, memory_size_mb=128,
+                                       max_memory_used_mb=n % 50, started_at=1000.0 + n))
+    ledger.close()
+    rows = read_rows(tmp_path)
+    assert [r.request_id for r in rows] == [f"r-{n}" for n in range(count)]
+    assert [(r.duration_ms, r.max_memory_used_mb) for r in rows] == [
+        (n / 10, n % 50) for n in range(count)]
