@@ -48,9 +48,15 @@ class Gate:
     def has_room(self) -> bool:
         return self.active < self.limit and not self._waiters
 
-    async def enter(self) -> None:
+    def try_enter(self) -> bool:
+        """Take a slot if one is free and nobody waits (no await: the common case)."""
         if self.active < self.limit and not self._waiters:
             self.active += 1
+            return True
+        return False
+
+    async def enter(self) -> None:
+        if self.try_enter():
             return
         if len(self._waiters) >= self.queue_size:
             raise TooManyRequestsException("Rate Exceeded.")
@@ -138,7 +144,8 @@ class Dispatcher:
         if not self.accepting:
             raise TooManyRequestsException("flowrun is shutting down", reason="ShuttingDown")
         try:
-            await gate.enter()
+            if not gate.try_enter():
+                await gate.enter()
         except TooManyRequestsException:
             self.throttles[name] += 1
             self._emit(InvocationResult(request_id, name, "throttled",

@@ -16,38 +16,35 @@ from typing import IO
 from flowrun.types import InvocationResult
 
 logger = logging.getLogger("flowrun.invocations")
+RESULTS_PER_SLICE = 128  # a timed flush writes this many, then lets the loop run
 
 
 def report_line(result: InvocationResult) -> str:
-    parts = [
-        f"REPORT RequestId: {result.request_id}",
-        f"Duration: {result.duration_ms:.2f} ms",
-        f"Billed Duration: {result.billed_duration_ms} ms",
-        f"Memory Size: {result.memory_size_mb} MB",
-        f"Max Memory Used: {result.max_memory_used_mb} MB",
-    ]
+    line = (f"REPORT RequestId: {result.request_id}\tDuration: {result.duration_ms:.2f} ms\t"
+            f"Billed Duration: {result.billed_duration_ms} ms\t"
+            f"Memory Size: {result.memory_size_mb} MB\t"
+            f"Max Memory Used: {result.max_memory_used_mb} MB")
     if result.init_duration_ms is not None:
-        parts.append(f"Init Duration: {result.init_duration_ms:.2f} ms")
+        line += f"\tInit Duration: {result.init_duration_ms:.2f} ms"
     if result.status == "timeout":
-        parts.append("Status: timeout")
+        line += "\tStatus: timeout"
     elif result.status == "error" and result.error_type and result.error_type.startswith("Runtime."):
-        parts.append("Status: error")
-        parts.append(f"Error Type: {result.error_type}")
-    return "\t".join(parts)
+        line += f"\tStatus: error\tError Type: {result.error_type}"
+    return line
 
 
 def lines(result: InvocationResult, version: str = "$LATEST") -> str:
-    out = [f"START RequestId: {result.request_id} Version: {version}"]
-    if result.logs:
-        out.append(result.logs.rstrip("\n"))
+    """START, the handler's output, an error line if any, END and REPORT (one f-string in
+    the common case: this runs for every invocation)."""
+    request_id = result.request_id
+    body = result.logs.rstrip("\n") + "\n" if result.logs else ""
     if result.status == "timeout":
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(result.started_at))
-        out.append(f"{stamp}Z {result.request_id} {result.error_message}")
+        body += f"{stamp}Z {request_id} {result.error_message}\n"
     elif result.status == "error" and result.error_type:
-        out.append(f"[ERROR] {result.error_type}: {result.error_message}")
-    out.append(f"END RequestId: {result.request_id}")
-    out.append(report_line(result))
-    return "\n".join(out) + "\n"
+        body += f"[ERROR] {result.error_type}: {result.error_message}\n"
+    return (f"START RequestId: {request_id} Version: {version}\n{body}"
+            f"END RequestId: {request_id}\n{report_line(result)}\n")
 
 
 class InvocationLog:
@@ -57,7 +54,7 @@ class InvocationLog:
         self.directory = directory
         self._files: dict[str, IO[str]] = {}
         self._pending: list[InvocationResult] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def path(self, function: str) -> Path:
         return self.directory / f"{function}.log"
@@ -67,7 +64,7 @@ class InvocationLog:
         self._pending.append(result)
         if self._timer is None:
             try:
-                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
+                self._timer = asyncio.get_running_loop().call_later(0.05, self._flush_slice)
             except RuntimeError:
                 self.flush()
 
@@ -79,9 +76,25 @@ class InvocationLog:
                 self.path(function), "a", encoding="utf-8")
         return file
 
-    def flush(self) -> None:
+    def _flush_slice(self) -> None:
+        """The timed flush: a slice of the results, then the rest after whatever else the
+        loop has ready (invocations in flight are not held up for the whole batch)."""
         self._timer = None
+        pending = self._pending[:RESULTS_PER_SLICE]
+        del self._pending[:RESULTS_PER_SLICE]
+        self._write(pending)
+        if self._pending:
+            self._timer = asyncio.get_running_loop().call_soon(self._flush_slice)
+
+    def flush(self) -> None:
+        """Format and write every queued result now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pending, self._pending = self._pending, []
+        self._write(pending)
+
+    def _write(self, pending: list[InvocationResult]) -> None:
         to_logger = logger.isEnabledFor(logging.INFO)
         dirty = set()
         for result in pending:
@@ -94,8 +107,6 @@ class InvocationLog:
             self._files[name].flush()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         self.flush()
         for file in self._files.values():
             file.close()

@@ -267,6 +267,9 @@ class Runtime:
                      source: str = "", request_id: str | None = None) -> InvocationResult:
         """Invoke ``name`` with a JSON-able event. ``mode="event"`` queues it durably."""
         event_json = "null" if event is None else json.dumps(event)
+        if mode == "sync" and self._started:  # the common case, one coroutine less
+            return await self.dispatcher.invoke(name, event_json, request_id=request_id,
+                                                source=source)
         return await self.invoke_json(name, event_json, mode=mode, source=source,
                                       request_id=request_id)
 

@@ -233,10 +233,11 @@ class Worker:
                 result.update(ok=False, error=self.init_error)
             else:
                 assert self.handler is not None
-                event = json.loads(frame["event"])
+                text = frame["event"]
+                event = None if text == "null" else json.loads(text)  # json: ~2 µs for "null"
                 value = self.handler(event, self.context(self.request_id, frame["deadline_ms"]))
                 try:
-                    result["payload"] = json.dumps(value)
+                    result["payload"] = "null" if value is None else json.dumps(value)
                 except (TypeError, ValueError) as exc:
                     result.update(ok=False, error=_error("Runtime.MarshalError",
                                                          f"Unable to marshal response: {exc}"))

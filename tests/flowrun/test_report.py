@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -10,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from flowrun.config import BillingConfig
 from flowrun.dispatcher import billed_ms
-from flowrun.ledger import ROWS_PER_INSERT, Ledger, LedgerRow, read_rows
+from flowrun.ledger import ROWS_PER_INSERT, ROWS_PER_SLICE, Ledger, LedgerRow, read_rows
 from flowrun.report import FunctionReport, parse_since, percentile, render, summarize
 from flowrun.types import InvocationResult
 
@@ -189,3 +191,27 @@ async def test_a_flush_of_more_rows_than_one_insert_holds_writes_every_row_in_or
     assert [r.request_id for r in rows] == [f"r-{n}" for n in range(count)]
     assert [(r.duration_ms, r.max_memory_used_mb) for r in rows] == [
         (n / 10, n % 50) for n in range(count)]
+
+
+async def test_a_timed_flush_of_a_big_batch_goes_in_slices_that_let_the_loop_run(
+        tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db", flush_interval_s=0.01).open()
+    count = ROWS_PER_SLICE * 3
+    for n in range(count):
+        ledger.record(InvocationResult(f"r-{n}", "f", "success", billed_duration_ms=1,
+                                       memory_size_mb=128, started_at=1000.0 + n))
+    seen: list[int] = []
+
+    async def watch() -> None:  # runs whenever the loop gets a turn
+        while True:
+            seen.append(len(read_rows(tmp_path)))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await eventually(lambda: seen and seen[-1] == count)
+    finally:
+        watcher.cancel()
+        ledger.close()
+    assert any(0 < n < count for n in seen), "the loop got no turn between slices"
+    assert len(read_rows(tmp_path)) == count
