@@ -12,13 +12,13 @@ GIL changing hands between it and the loop costs a wake-up each time.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowrun.batching import SlicedBuffer
 from flowrun.types import InvocationResult
 
 SCHEMA = """
@@ -84,7 +84,7 @@ def _insert_sql(rows: int) -> str:
 
 
 FULL_INSERT = _insert_sql(ROWS_PER_INSERT)
-ROWS_PER_SLICE = 4 * ROWS_PER_INSERT  # a timed flush writes this many, then lets the loop run
+ROWS_PER_SLICE = 4 * ROWS_PER_INSERT  # a timed flush writes this many (~1 ms), then lets the loop run
 
 
 class Ledger:
@@ -92,8 +92,8 @@ class Ledger:
         self.path = path
         self.flush_interval_s = flush_interval_s
         self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[object, ...]] = []
-        self._timer: asyncio.Handle | None = None
+        self._buffer: SlicedBuffer[tuple[object, ...]] = SlicedBuffer(
+            self._write, flush_interval_s, ROWS_PER_SLICE)
 
     def open(self) -> Ledger:
         if self._db is None:
@@ -102,45 +102,20 @@ class Ledger:
         return self
 
     def record(self, result: InvocationResult, source: str = "") -> None:
-        self._pending.append((
+        self._buffer.add((
             result.request_id, result.function, source, result.started_at, result.status,
             result.error_type, result.duration_ms, result.billed_duration_ms,
             result.memory_size_mb, result.max_memory_used_mb, result.init_duration_ms,
             result.cpu_user_ms, result.cpu_system_ms, result.attempt,
         ))
-        if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(self.flush_interval_s, self._flush_slice)
-
-    def _flush_slice(self) -> None:
-        """The timed flush: a slice of the rows (about 1 ms of SQLite), then the rest after
-        whatever else the loop has ready, so that invocations in flight are not held up for
-        the whole batch."""
-        self._timer = None
-        if self._db is None:
-            return
-        rows = self._pending[:ROWS_PER_SLICE]
-        del self._pending[:ROWS_PER_SLICE]
-        self._write(rows)
-        if self._pending:
-            self._timer = asyncio.get_running_loop().call_soon(self._flush_slice)
 
     def flush(self) -> None:
         """Write every buffered row now."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._pending or self._db is None:
-            return
-        rows, self._pending = self._pending, []
-        self._write(rows)
+        self._buffer.flush()
 
     def _write(self, rows: list[tuple[object, ...]]) -> None:
-        assert self._db is not None
+        if self._db is None:
+            return  # read-only use (rows() of a ledger on disk): nothing is buffered
         with self._db:
             self._db.execute("BEGIN")
             for start in range(0, len(rows), ROWS_PER_INSERT):

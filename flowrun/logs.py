@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
+from flowrun.batching import SlicedBuffer
 from flowrun.types import InvocationResult
 
 logger = logging.getLogger("flowrun.invocations")
@@ -50,23 +51,22 @@ def lines(result: InvocationResult, version: str = "$LATEST") -> str:
 class InvocationLog:
     """Buffered per-function log files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, flush_interval_s: float = 0.05) -> None:
         self.directory = directory
         self._files: dict[str, IO[str]] = {}
-        self._pending: list[InvocationResult] = []
-        self._timer: asyncio.Handle | None = None
+        self._buffer: SlicedBuffer[InvocationResult] = SlicedBuffer(
+            self._write, flush_interval_s, RESULTS_PER_SLICE)
 
     def path(self, function: str) -> Path:
         return self.directory / f"{function}.log"
 
     def write(self, result: InvocationResult) -> None:
         """Queue one invocation's lines; they are formatted and written within 50 ms."""
-        self._pending.append(result)
-        if self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(0.05, self._flush_slice)
-            except RuntimeError:
-                self.flush()
+        self._buffer.add(result)
+
+    def flush(self) -> None:
+        """Format and write every queued result now."""
+        self._buffer.flush()
 
     def _file(self, function: str) -> IO[str]:
         file = self._files.get(function)
@@ -75,24 +75,6 @@ class InvocationLog:
             file = self._files[function] = open(  # noqa: SIM115
                 self.path(function), "a", encoding="utf-8")
         return file
-
-    def _flush_slice(self) -> None:
-        """The timed flush: a slice of the results, then the rest after whatever else the
-        loop has ready (invocations in flight are not held up for the whole batch)."""
-        self._timer = None
-        pending = self._pending[:RESULTS_PER_SLICE]
-        del self._pending[:RESULTS_PER_SLICE]
-        self._write(pending)
-        if self._pending:
-            self._timer = asyncio.get_running_loop().call_soon(self._flush_slice)
-
-    def flush(self) -> None:
-        """Format and write every queued result now."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending, self._pending = self._pending, []
-        self._write(pending)
 
     def _write(self, pending: list[InvocationResult]) -> None:
         to_logger = logger.isEnabledFor(logging.INFO)
