@@ -16,7 +16,8 @@ from sandbox.limits.linux import LinuxLimiter
 CONFIG = """
 state_dir: state
 functions:
-  hog: {handler: limits_handlers.allocate, code: "{functions}", memory_mb: 128, concurrency: 1}
+  hog: {handler: limits_handlers.allocate, code: "{functions}", memory_mb: 128, concurrency: 1,
+        timeout_s: 30}  # at its 0.07 CPU share, on a loaded machine, 128 MB takes seconds
   neighbour: {handler: limits_handlers.identity, code: "{functions}"}
   forker: {handler: limits_handlers.fork_many, code: "{functions}", pids_max: 24, timeout_s: 20}
   spinner: {handler: limits_handlers.spin, code: "{functions}", memory_mb: 128, timeout_s: 20,
