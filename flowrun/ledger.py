@@ -114,8 +114,8 @@ class Ledger:
         self._buffer.flush()
 
     def _write(self, rows: list[tuple[object, ...]]) -> None:
-        if self._db is None:
-            return  # read-only use (rows() of a ledger on disk): nothing is buffered
+        self.open()  # rows recorded before open() are not dropped
+        assert self._db is not None
         with self._db:
             self._db.execute("BEGIN")
             for start in range(0, len(rows), ROWS_PER_INSERT):

@@ -125,6 +125,10 @@ class WorkerProcess:
                 argv, env=env, cwd=str(self.spec.code_dir), stdin=subprocess.DEVNULL,
                 pass_fds=pass_fds, start_new_session=True,
             )
+        except BaseException:
+            os.close(to_worker_w)
+            os.close(from_worker_r)
+            raise
         finally:
             os.close(to_worker_r)
             os.close(from_worker_w)
@@ -324,7 +328,7 @@ class WorkerProcess:
         self._waiter = waiter
         self._arm(loop, timeout_s)
         self._send(self._encode(frame))
-        self.spinner.sent(self.spec.spin_us)
+        self.spinner.sent()
         try:
             return await waiter
         finally:

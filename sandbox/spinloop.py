@@ -4,14 +4,15 @@ On virtual machines waking a process that sleeps on an idle CPU costs tens to hu
 microseconds (a bare pipe ping-pong here: 100 µs blocking, 16 µs when the other side
 polls), which would dominate a warm invocation's round trip. After a request is sent to a
 worker, ``LoopSpinner`` schedules a callback that re-schedules itself while requests are in
-flight and the spin window is open: with a callback always ready the loop polls its
-descriptors with a zero timeout each iteration instead of blocking, so the worker's reply is
-read the moment it lands. When the window closes (a slow handler) the loop sleeps as usual.
+flight and the spin window (``LOOP_SPIN_US`` after the latest request) is open: with a
+callback always ready the loop polls its descriptors with a zero timeout each iteration
+instead of blocking, so the worker's reply is read the moment it lands. When the window
+closes (a slow handler) the loop sleeps as usual.
 
-It is a callback, not a selector: it works on any event loop (asyncio's own, uvloop,
-an embedding application's) and needs nothing from the caller. The window is the
-function's ``spin_us`` times two (the worker itself polls ``spin_us`` for the next request);
-functions with ``spin_us: 0`` never make the loop spin.
+It is a callback, not a selector: it works on any event loop (asyncio's own, uvloop, an
+embedding application's) and needs nothing from the caller. The CPU it costs is the
+daemon's, at most ``LOOP_SPIN_US`` a request, whatever the function's own ``spin_us``
+(which is the worker's polling for its next request, paid from the function's CPU share).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-LOOP_SPIN_FACTOR = 2  # the daemon waits for a reply for twice the worker's spin
+LOOP_SPIN_US = 200
 
 
 class LoopSpinner:
@@ -32,12 +33,12 @@ class LoopSpinner:
         self.spins = 0  # callbacks run, for tests and curiosity
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def sent(self, spin_us: int) -> None:
-        """A request went out; poll for up to ``spin_us`` × 2 for its reply."""
+    def sent(self, window_us: int = LOOP_SPIN_US) -> None:
+        """A request went out; poll for up to ``window_us`` for its reply (0: do not)."""
         self.in_flight += 1
-        if spin_us <= 0:
+        if window_us <= 0:
             return
-        until = time.perf_counter() + spin_us * LOOP_SPIN_FACTOR / 1e6
+        until = time.perf_counter() + window_us / 1e6
         if until > self.until:
             self.until = until
         if not self.running:

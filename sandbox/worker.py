@@ -294,7 +294,12 @@ def main() -> None:
     os.environ.pop("FLOWRUN_LIMITS", None)
     role = os.environ.pop("FLOWRUN_ENTER", None)
     root = logging.getLogger()
-    worker = Worker(fd_in, fd_out, _memory_probe(os.environ))
+    memory = _memory_probe(os.environ)
+    # pass_fds left these inheritable: the handler's children must not get them
+    for fd in (fd_in, fd_out, getattr(memory, "fd", -1)):
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+    worker = Worker(fd_in, fd_out, memory)
     if role:  # namespaces, private scratch, another user: before any user code is imported
         from sandbox.limits import enter
 

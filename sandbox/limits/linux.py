@@ -202,9 +202,9 @@ class LinuxLimiter:
             d["memory"] = f"{self._where('memory')}: {files}"
             d["oom"] = "memory.events oom_kill" if v2 else "memory.oom_control oom_kill"
             if not v2:
-                d["max_memory_used"] = "memory.max_usage_in_bytes, reset before each invocation"
+                d["max_memory_used"] = "memory.max_usage_in_bytes, reset by the worker between invocations"
             elif _kernel_at_least(6, 12):
-                d["max_memory_used"] = "memory.peak, reset before each invocation"
+                d["max_memory_used"] = "memory.peak, reset by the worker between invocations"
             else:
                 d["max_memory_used"] = ("worker process peak RSS per invocation (this kernel "
                                         "cannot reset memory.peak)")

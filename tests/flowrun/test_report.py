@@ -215,3 +215,11 @@ async def test_a_timed_flush_of_a_big_batch_goes_in_slices_that_let_the_loop_run
         ledger.close()
     assert any(0 < n < count for n in seen), "the loop got no turn between slices"
     assert len(read_rows(tmp_path)) == count
+
+
+def test_rows_recorded_before_the_ledger_is_opened_are_not_dropped(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.record(InvocationResult("early", "f", "success", billed_duration_ms=1,
+                                   memory_size_mb=128, started_at=1000.0))
+    ledger.close()
+    assert [r.request_id for r in read_rows(tmp_path)] == ["early"]

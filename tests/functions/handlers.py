@@ -80,3 +80,12 @@ def allocate(event, context):
 
 def json_round_trip(event, context):
     return json.loads(json.dumps(event))
+
+
+def child_fds(event, context):
+    """Descriptors a child started with close_fds=False inherits from the worker."""
+    import subprocess
+
+    listing = subprocess.run(["ls", "/proc/self/fd"], close_fds=False, capture_output=True,
+                             text=True, check=True).stdout.split()
+    return {"child": sorted(int(fd) for fd in listing), "worker": len(os.listdir("/proc/self/fd"))}

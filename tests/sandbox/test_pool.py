@@ -23,6 +23,8 @@ functions:
   nohandler: {handler: handlers.not_there, code: "{functions}"}
   broken: {handler: broken_import.handler, code: "{functions}"}
   tmp: {handler: handlers.write_tmp, code: "{functions}", concurrency: 1}
+  fds: {handler: handlers.child_fds, code: "{functions}"}
+  nopython: {handler: handlers.echo, code: "{functions}", python: /nonexistent/python3}
 """
 
 
@@ -150,3 +152,21 @@ async def test_the_timeout_holds_on_a_cold_start_and_after_many_quick_invocation
     late = await runtime.invoke("sleep", {"seconds": 3})
     assert late.status == "timeout"
     assert late.error_message == "Task timed out after 0.50 seconds"
+
+
+async def test_a_handlers_child_does_not_inherit_the_workers_pipes_or_peak_counter(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    result = await runtime.invoke("fds", {})
+    assert result.status == "success", result.error_message
+    # stdin, stdout, stderr, the pipes capture_output made, and ls's own directory handle
+    assert len(result.payload["child"]) <= 4, result.payload
+    assert result.payload["worker"] > len(result.payload["child"])
+
+
+async def test_a_worker_that_cannot_start_leaves_no_descriptor_behind(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(FileNotFoundError):
+            await runtime.invoke("nopython", {})
+    assert len(os.listdir("/proc/self/fd")) == before
