@@ -267,7 +267,13 @@ class WorkerProcess:
             self._close_reader()
             self._gone("pipe closed")
             return
-        for frame in self._frames.feed(data):
+        try:
+            frames = self._frames.feed(data)
+        except ValueError:  # not our protocol (or over the size limit): the worker is broken
+            self._close_reader()
+            self.kill()
+            return
+        for frame in frames:
             self._frame(frame)
 
     def _close_reader(self) -> None:

@@ -117,6 +117,7 @@ class FrameBuffer:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Whole frames decoded so far; raises ValueError on a frame over the size limit."""
         if not self._buffer and len(data) >= HEADER.size:
             (size,) = HEADER.unpack_from(data)
             if len(data) == HEADER.size + size:  # exactly one whole frame: no copying
@@ -125,6 +126,8 @@ class FrameBuffer:
         frames = []
         while len(self._buffer) >= HEADER.size:
             (size,) = HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME_BYTES:
+                raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")
             end = HEADER.size + size
             if len(self._buffer) < end:
                 break

@@ -29,21 +29,22 @@ from sandbox.limits import rlimits
 class LambdaContext:
     """The context object Lambda passes as the handler's second argument.
 
-    The attributes that are the same for every invocation of a worker live on a subclass
-    made once per worker (``context_class``); an invocation only sets its request id and
-    deadline.
+    The attributes that are the same for every invocation of a worker are worked out once
+    (``context_attributes``) and copied in with one ``__dict__`` update, so that they are
+    instance attributes as in Lambda's own runtime (``vars(context)`` shows them).
     """
 
-    function_name = ""
-    function_version = "$LATEST"
-    invoked_function_arn = ""
-    memory_limit_in_mb = "128"
-    log_group_name = ""
-    log_stream_name = ""
-    identity = None
-    client_context = None
+    function_name: str
+    function_version: str
+    invoked_function_arn: str
+    memory_limit_in_mb: str
+    log_group_name: str
+    log_stream_name: str
+    identity: Any
+    client_context: Any
 
-    def __init__(self, request_id: str, deadline_ms: float) -> None:
+    def __init__(self, request_id: str, deadline_ms: float, attributes: dict[str, Any]) -> None:
+        self.__dict__.update(attributes)
         self.aws_request_id = request_id
         self._deadline_ms = deadline_ms
 
@@ -51,10 +52,10 @@ class LambdaContext:
         return max(0, int(self._deadline_ms - time.time() * 1000))
 
 
-def context_class(env: dict[str, str]) -> type[LambdaContext]:
-    """LambdaContext with this worker's function attributes, from Lambda's variables."""
+def context_attributes(env: dict[str, str]) -> dict[str, Any]:
+    """This worker's function attributes for LambdaContext, from Lambda's variables."""
     name = env.get("AWS_LAMBDA_FUNCTION_NAME", "")
-    attributes = {
+    return {
         "function_name": name,
         "function_version": env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
         "invoked_function_arn": (f"arn:aws:lambda:{env.get('AWS_REGION', 'local')}:"
@@ -62,8 +63,9 @@ def context_class(env: dict[str, str]) -> type[LambdaContext]:
         "memory_limit_in_mb": env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
         "log_group_name": env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
         "log_stream_name": env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
+        "identity": None,
+        "client_context": None,
     }
-    return type("LambdaContext", (LambdaContext,), attributes)
 
 
 class _Capture(io.StringIO):
@@ -187,7 +189,7 @@ class Worker:
         self.handler: Callable[[Any, Any], Any] | None = None
         self.init_error: dict[str, Any] | None = None
         self.memory = memory or RssPeak()
-        self.context = context_class(dict(os.environ))
+        self.context = context_attributes(dict(os.environ))
         self.spin_s = 0.0
 
     def init(self, handler_spec: str, code_dir: str) -> float:
@@ -235,7 +237,8 @@ class Worker:
                 assert self.handler is not None
                 text = frame["event"]
                 event = None if text == "null" else json.loads(text)  # json: ~2 µs for "null"
-                value = self.handler(event, self.context(self.request_id, frame["deadline_ms"]))
+                context = LambdaContext(self.request_id, frame["deadline_ms"], self.context)
+                value = self.handler(event, context)
                 try:
                     result["payload"] = "null" if value is None else json.dumps(value)
                 except (TypeError, ValueError) as exc:

@@ -35,6 +35,7 @@ def context_info(event, context):
         "log_stream_name": context.log_stream_name,
         "remaining_ms": context.get_remaining_time_in_millis(),
         "env": dict(os.environ),
+        "attributes": sorted(vars(context)),
     }
 
 
@@ -89,3 +90,17 @@ def child_fds(event, context):
     listing = subprocess.run(["ls", "/proc/self/fd"], close_fds=False, capture_output=True,
                              text=True, check=True).stdout.split()
     return {"child": sorted(int(fd) for fd in listing), "worker": len(os.listdir("/proc/self/fd"))}
+
+
+def corrupt_protocol(event, context):
+    """Write a frame header claiming 2 GiB to every pipe this process holds, then linger."""
+    import struct
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
+                os.write(int(name), struct.pack(">I", 2**31))
+        except OSError:
+            pass
+    time.sleep(10)
+    return "unreachable"

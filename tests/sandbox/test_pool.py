@@ -24,6 +24,7 @@ functions:
   broken: {handler: broken_import.handler, code: "{functions}"}
   tmp: {handler: handlers.write_tmp, code: "{functions}", concurrency: 1}
   fds: {handler: handlers.child_fds, code: "{functions}"}
+  corrupt: {handler: handlers.corrupt_protocol, code: "{functions}", timeout_s: 30}
   nopython: {handler: handlers.echo, code: "{functions}", python: /nonexistent/python3}
 """
 
@@ -61,6 +62,7 @@ async def test_the_context_and_environment_are_lambdas(make_runtime):
     assert info["invoked_function_arn"].endswith(":function:context")
     assert info["memory_limit_in_mb"] == "256"
     assert info["log_group_name"] == "/aws/lambda/context"
+    assert {"aws_request_id", "function_name", "memory_limit_in_mb"} <= set(info["attributes"])
     assert 0 < info["remaining_ms"] <= 3000
     env = info["env"]
     assert env["AWS_LAMBDA_FUNCTION_NAME"] == "context"
@@ -170,3 +172,11 @@ async def test_a_worker_that_cannot_start_leaves_no_descriptor_behind(make_runti
         with pytest.raises(FileNotFoundError):
             await runtime.invoke("nopython", {})
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_worker_that_breaks_the_frame_protocol_is_killed_at_once(make_runtime):
+    runtime = await make_runtime(CONFIG)
+    result = await runtime.invoke("corrupt", {})
+    assert result.status == "error"  # not a timeout: the daemon did not wait for 2 GiB
+    assert result.error_type == "Runtime.ExitError"
+    assert (await runtime.invoke("echo", 7)).payload == 7
