@@ -376,5 +376,18 @@ def test_flowrun_run_stops_gracefully_on_sigterm_and_leaves_no_workers(tmp_path:
     assert code == 0, daemon.output()
     output = daemon.output()
     assert output.startswith("flowrun: 3 functions (greet, fail, sleepy), 0 triggers; state in ")
+    assert "\nevent loop: uvloop\n" in output  # installed with flowrun: the default picks it
     assert output.rstrip().endswith("flowrun: stopped")
     wait_until(lambda: not any(is_alive(pid) for pid in workers), 10, "the workers to exit")
+
+
+def test_flowrun_run_on_asyncios_own_loop_when_asked(tmp_path: Path) -> None:
+    api = f"127.0.0.1:{free_port()}"
+    daemon = Daemon.start(write_config(tmp_path, api), api, extra_args=("--loop", "asyncio"))
+    try:
+        status, body = daemon.invoke("greet", {"name": "loop"})
+        assert status == 200, body
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert "\nevent loop: asyncio\n" in daemon.output()
