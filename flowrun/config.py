@@ -447,6 +447,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 def _triggers(raw_list: Any, file: str, root: Any, functions: Mapping[str, Any],
               issues: list[ConfigIssue]) -> list[TriggerConfig]:
     out: list[TriggerConfig] = []
+    where_of: dict[int, int] = {}  # position in out -> index in the triggers list
     if raw_list is None:
         return out
     if not isinstance(raw_list, list):
@@ -480,8 +481,26 @@ def _triggers(raw_list: Any, file: str, root: Any, functions: Mapping[str, Any],
         if check is not None and isinstance(functions[trigger.function], FunctionConfig):
             issues.extend(ConfigIssue(file, line_of(root, where), _dotted(where), message)
                           for message in check(trigger, functions[trigger.function]))
+        where_of[len(out)] = i
         out.append(trigger)
+    issues.extend(_checked_together(out, where_of, file, root))
     return out
+
+
+def _checked_together(triggers: list[TriggerConfig], where_of: Mapping[int, int], file: str,
+                      root: Any) -> list[ConfigIssue]:
+    """Problems between triggers of one type (two http triggers on one route), from the
+    adapter's ``check_together(configs) -> [(position, message)]`` when it has one."""
+    issues = []
+    for kind in dict.fromkeys(t.type for t in triggers):
+        check = getattr(registry.load(kind), "check_together", None)
+        if check is None:
+            continue
+        positions = [n for n, t in enumerate(triggers) if t.type == kind]
+        for position, message in check([triggers[n] for n in positions]):
+            where = ("triggers", where_of[positions[position]])
+            issues.append(ConfigIssue(file, line_of(root, where), _dotted(where), message))
+    return issues
 
 
 _DUPLICATE = re.compile(r'found duplicate key "(.*?)" with value')

@@ -479,6 +479,23 @@ def shared_server(host: TriggerHost) -> HttpServer:
 class HttpTrigger(Trigger):
     config_model = HttpTriggerConfig
 
+    @classmethod
+    def check_together(cls, configs: list[TriggerConfig]) -> list[tuple[int, str]]:
+        """Config time, across every http trigger: one route per method and path (they
+        share one server). Returns (position in ``configs``, message) pairs."""
+        seen: set[str] = set()
+        issues = []
+        for position, config in enumerate(configs):
+            assert isinstance(config, HttpTriggerConfig)
+            if not config.enabled:
+                continue
+            key = f"{config.method} {config.path}"
+            if key in seen:
+                issues.append((position, f"http route {key!r} is defined twice: an http "
+                                         "trigger above has the same method and path"))
+            seen.add(key)
+        return issues
+
     def __init__(self, config: TriggerConfig, host: TriggerHost) -> None:
         super().__init__(config, host)
         assert isinstance(config, HttpTriggerConfig)

@@ -271,3 +271,22 @@ def test_a_route_path_that_is_not_a_path_is_a_config_error_with_its_line(tmp_pat
         config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
     assert "flowrun.yaml:6: triggers[0].path" in str(caught.value)
     assert "starting with '/'" in str(caught.value)
+
+
+def test_two_http_triggers_on_one_route_are_a_config_error_at_the_second(tmp_path: Path) -> None:
+    text = (
+        "functions:\n"
+        "  f: {handler: m.f}\n"
+        "  g: {handler: m.g}\n"
+        "triggers:\n"
+        "  - {type: http, function: f, method: get, path: '/items/{id}'}\n"
+        "  - {type: cron, function: g, schedule: rate(5 minutes)}\n"
+        "  - {type: http, function: g, method: GET, path: '/items/{id}'}\n"
+        "  - {type: http, function: g, method: POST, path: '/items/{id}'}\n"
+        "  - {type: http, function: g, method: GET, path: '/items/{id}', enabled: false}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
+    message = str(caught.value)
+    assert "flowrun.yaml:7: triggers[2]: http route 'GET /items/{id}' is defined twice" in message
+    assert message.count("defined twice") == 1  # POST is another route; a disabled one is none
