@@ -53,6 +53,7 @@ DEFAULT_IGNORE_PATTERNS = (
 THROTTLE_BACKOFF_S = 0.2
 HASH_CHUNK_BYTES = 1024 * 1024
 MAX_IN_FLIGHT = 64  # deliveries running at once (invoking, retrying or being throttled)
+PRUNE_EVERY_S = 3600.0  # the index forgets history it will not read again, hourly
 
 
 class FileTriggerConfig(TriggerConfig):
@@ -126,6 +127,7 @@ class FileTriggerStatistics:
     watching: bool
     invocation: str
     last_error: str | None
+    pruned: int = 0  # index rows forgotten as history nothing reads again
 
 
 def observe(path: Path) -> Observation | None:
@@ -266,6 +268,24 @@ class ProcessedIndex:
         for kind, key, size, mtime_ns, etag in rows:
             yield Kind(kind), FileVersion(key, size, mtime_ns, etag)
 
+    def prune(self) -> int:
+        """Forget history nothing reads again; returns the rows deleted.
+
+        Per key only the newest finished row matters (``latest`` and ``finished`` read it),
+        so older finished and superseded rows go; a key whose newest finished row is a
+        removal goes altogether (the object is gone; a file of that name later is a new one,
+        as on S3). Pending rows always stay."""
+        newest = ("SELECT MAX(id) FROM versions AS n WHERE n.scope = versions.scope"
+                  " AND n.key = versions.key AND n.status IN ('done', 'failed', 'skipped')")
+        with self.db:
+            older = self.db.execute(
+                f"DELETE FROM versions WHERE scope=? AND status != 'pending' AND id < ({newest})",
+                (self.scope,)).rowcount
+            removed = self.db.execute(
+                f"DELETE FROM versions WHERE scope=? AND status != 'pending' AND kind='removed'"
+                f" AND id = ({newest})", (self.scope,)).rowcount
+        return older + removed
+
     def latest(self) -> dict[str, tuple[Kind, FileVersion]]:
         """Per key, the last version handled and whether it was created or removed."""
         rows = self.db.execute(
@@ -323,7 +343,9 @@ class FileTrigger(Trigger):
         self._rescan_wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._last_sequencer = 0
-        self._counts = {"seen": 0, "invoked": 0, "failed": 0, "retries": 0, "scans": 0}
+        self._counts = {"seen": 0, "invoked": 0, "failed": 0, "retries": 0, "scans": 0,
+                        "pruned": 0}
+        self._pruned_at = 0.0
         self._last_error: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -333,6 +355,7 @@ class FileTrigger(Trigger):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index.open()
         try:
+            self._prune()
             self._watch()
             self._resume_unfinished()
             snapshot = await asyncio.to_thread(self._scan)
@@ -599,8 +622,14 @@ class FileTrigger(Trigger):
             try:
                 snapshot = await asyncio.to_thread(self._scan)
                 self._apply_scan(snapshot)
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                    self._prune()
             except Exception as exc:
                 self._internal_error("rescanning the folder", exc)
+
+    def _prune(self) -> None:
+        self._pruned_at = time.monotonic()
+        self._counts["pruned"] += self.index.prune()
 
     # ---------------------------------------------------------------- invocation
 
@@ -703,7 +732,8 @@ class FileTrigger(Trigger):
             state=self.state, path=str(self.folder), seen=self._counts["seen"],
             invoked=self._counts["invoked"], pending=pending, failed=self._counts["failed"],
             retries=self._counts["retries"], scans=self._counts["scans"],
-            watching=self.watching, invocation=self.mode, last_error=self._last_error)
+            watching=self.watching, invocation=self.mode, last_error=self._last_error,
+            pruned=self._counts["pruned"])
 
     def status(self) -> dict[str, Any]:
         return dataclasses.asdict(self.statistics())

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -253,6 +254,43 @@ async def test_a_restart_neither_repeats_nor_loses_files(
         ("ObjectRemoved:Delete", "before+start.csv"),
     ]
     assert (tmp_path / ".flowrun" / "files.db").exists()
+
+
+def index_rows(tmp_path: Path) -> list[tuple[str, str, int]]:
+    db = sqlite3.connect(tmp_path / ".flowrun" / "files.db")
+    try:
+        return db.execute("SELECT key, kind, size FROM versions ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+async def test_the_index_forgets_history_it_never_reads_again_without_repeating_a_file(
+        make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    inbox = tmp_path / "inbox"
+    first = await make_runtime(config_yaml(log, events=["created", "removed"]))
+    (inbox / "kept.csv").write_text("1\n")
+    await wait_for_lines(log, 1)
+    (inbox / "kept.csv").write_text("1,2\n")  # a second version of the same object
+    (inbox / "gone.csv").write_text("3\n")
+    await wait_for_lines(log, 3)
+    await wait_until_idle(first)
+    (inbox / "gone.csv").unlink()
+    await wait_for_lines(log, 4)
+    await wait_until_idle(first)
+    await first.stop()
+    assert len(index_rows(tmp_path)) == 4  # every version seen, and the removal
+
+    second = await make_runtime(config_yaml(log, events=["created", "removed"]))
+    await wait_until_idle(second)
+    assert index_rows(tmp_path) == [("kept.csv", "created", 4)]
+    assert file_trigger(second).status()["pruned"] == 3
+    assert len(lines(log)) == 4  # nothing ran again
+    (inbox / "gone.csv").write_text("a new object of an old name\n")
+    fifth = (await wait_for_lines(log, 5))[-1]
+    assert (fifth["eventName"], fifth["key"]) == ("ObjectCreated:Put", "gone.csv")
+    await wait_until_idle(second)
+    assert len(lines(log)) == 5
 
 
 async def test_a_file_whose_invocation_was_cut_short_by_a_stop_is_invoked_after_restart(
