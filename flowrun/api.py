@@ -275,9 +275,12 @@ class ManagementApi:
         return web.json_response(self.runtime.status())
 
     async def healthz(self, request: web.Request) -> web.Response:
-        accepting = self.runtime.dispatcher.accepting
-        return web.json_response({"status": "ok" if accepting else "stopping"},
-                                 status=200 if accepting else 503)
+        """200 once every trigger has started; 503 while starting or stopping."""
+        if not self.runtime.dispatcher.accepting:
+            return web.json_response({"status": "stopping"}, status=503)
+        if not self.runtime.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ok"})
 
     async def render_metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=self.metrics.render())

@@ -109,6 +109,7 @@ class Runtime:
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._stopping: asyncio.Event | None = None
         self._started = False
+        self.ready = False  # True once start() has started every trigger (GET /healthz)
         self.api: Any = None
         self.async_queue: Any = None
         self.destinations = Destinations(self)
@@ -177,6 +178,7 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
+        self.ready = True
 
     def _spec(self, name: str, fn: FunctionConfig) -> WorkerSpec:
         tmp_dir = self.state_dir / "tmp" / name
@@ -208,6 +210,7 @@ class Runtime:
         if not self._started:
             return
         self._started = False
+        self.ready = False
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         for trigger in reversed(self.triggers):
             try:

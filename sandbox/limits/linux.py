@@ -238,7 +238,8 @@ class LinuxLimiter:
                     "state_dir": "readable by workers (same user)"}
         default = user.resolve(None)
         return {
-            "network": "none: empty network namespace; loopback: " + (
+            "network": "permissions.network, default full (the host's network); "
+                       "none: empty network namespace; loopback: " + (
                 "the host's 127.0.0.1/::1 only (cgroup BPF connect/sendmsg filter)"
                 if self.loopback_filter() is not None else
                 "a network namespace with its own loopback (no cgroup2 for BPF)"),

@@ -8,6 +8,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -238,3 +239,36 @@ async def test_two_runtimes_in_one_process_keep_their_own_metrics(
     _, _, theirs = await other.get("/metrics")
     assert 'flowrun_invocations_total{function="tagged"} 1.0' in mine.splitlines()
     assert 'flowrun_invocations_total{function="tagged"} 0.0' in theirs.splitlines()
+
+
+async def test_healthz_answers_503_starting_until_every_trigger_has_started(
+        tmp_path: Path, functions_dir: Path) -> None:
+    port = free_port()
+    gate = tmp_path / "open"
+    runtime = Runtime.from_yaml(f"""
+state_dir: state
+api: {{listen: "127.0.0.1:{port}"}}
+functions:
+  echo: {{handler: handlers.echo, code: "{functions_dir}"}}
+triggers:
+  - {{type: "gated_trigger:GatedTrigger", function: echo, gate: "{gate}"}}
+""", tmp_path)
+    starting = asyncio.create_task(runtime.start())
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def healthz() -> tuple[int, Any]:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        return response.status, await response.json()
+                except aiohttp.ClientConnectionError:
+                    return 0, None
+
+            while (answer := await healthz())[0] == 0:  # until the API listens
+                await asyncio.sleep(0.02)
+            assert answer == (503, {"status": "starting"})
+            gate.touch()
+            await starting
+            assert await healthz() == (200, {"status": "ok"})
+    finally:
+        await starting
+        await runtime.stop()
