@@ -276,7 +276,7 @@ class ManagementApi:
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 once every trigger has started; 503 while starting or stopping."""
-        if not self.runtime.dispatcher.accepting:
+        if self.runtime.stopping or not self.runtime.dispatcher.accepting:
             return web.json_response({"status": "stopping"}, status=503)
         if not self.runtime.ready:
             return web.json_response({"status": "starting"}, status=503)

@@ -492,11 +492,12 @@ def _checked_together(triggers: list[TriggerConfig], where_of: Mapping[int, int]
     """Problems between triggers of one type (two http triggers on one route), from the
     adapter's ``check_together(configs) -> [(position, message)]`` when it has one."""
     issues = []
-    for kind in dict.fromkeys(t.type for t in triggers):
-        check = getattr(registry.load(kind), "check_together", None)
+    classes = [registry.load(t.type) for t in triggers]  # "http" and its module:Class are one
+    for cls in dict.fromkeys(classes):
+        check = getattr(cls, "check_together", None)
         if check is None:
             continue
-        positions = [n for n, t in enumerate(triggers) if t.type == kind]
+        positions = [n for n, c in enumerate(classes) if c is cls]
         for position, message in check([triggers[n] for n in positions]):
             where = ("triggers", where_of[positions[position]])
             issues.append(ConfigIssue(file, line_of(root, where), _dotted(where), message))

@@ -109,7 +109,8 @@ class Runtime:
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._stopping: asyncio.Event | None = None
         self._started = False
-        self.ready = False  # True once start() has started every trigger (GET /healthz)
+        self.ready = False
+        self.stopping = True  # True once start() has started every trigger (GET /healthz)
         self.api: Any = None
         self.async_queue: Any = None
         self.destinations = Destinations(self)
@@ -156,6 +157,7 @@ class Runtime:
         if self._started:
             return
         self._started = True
+        self.stopping = False
         self.dispatcher.accepting = True
         self.started_at = time.time()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,7 @@ class Runtime:
             return
         self._started = False
         self.ready = False
+        self.stopping = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         for trigger in reversed(self.triggers):
             try:

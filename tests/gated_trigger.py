@@ -1,4 +1,4 @@
-"""A third-party-style trigger (``gated_trigger:GatedTrigger``) whose start waits for a file."""
+"""A third-party-style trigger (``gated_trigger:GatedTrigger``) whose start and stop wait for files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from triggers.base import Trigger, TriggerConfig
 
 class GatedTriggerConfig(TriggerConfig):
     gate: str  # start() returns once this file exists
+    stop_gate: str | None = None  # stop() returns once this file exists
 
 
 class GatedTrigger(Trigger):
@@ -22,7 +23,9 @@ class GatedTrigger(Trigger):
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        pass
+        assert isinstance(self.config, GatedTriggerConfig)
+        while self.config.stop_gate and not Path(self.config.stop_gate).exists():
+            await asyncio.sleep(0.02)
 
     def status(self) -> dict[str, Any]:
         return {"state": "running"}

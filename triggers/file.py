@@ -241,12 +241,18 @@ class ProcessedIndex:
         return self._db
 
     def finished(self, key: str, obs: Observation) -> FileVersion | None:
-        """The finished created-version of ``key`` with this size and mtime, if any."""
+        """The version of ``key`` last handled, when it is this size and mtime and was not
+        removed since. Only the newest finished row counts (what ``prune`` keeps): an
+        older version put back, or a removed file back again, is a new object, as on S3,
+        before a restart as after one."""
         row = self.db.execute(
-            "SELECT etag FROM versions WHERE scope=? AND key=? AND kind='created' AND size=?"
-            " AND mtime_ns=? AND status IN ('done', 'failed', 'skipped') ORDER BY id DESC",
-            (self.scope, key, obs.size, obs.mtime_ns)).fetchone()
-        return FileVersion(key, obs.size, obs.mtime_ns, row[0]) if row else None
+            "SELECT kind, size, mtime_ns, etag FROM versions WHERE scope=? AND key=?"
+            " AND status IN ('done', 'failed', 'skipped') ORDER BY id DESC LIMIT 1",
+            (self.scope, key)).fetchone()
+        if row is None or row[0] != Kind.CREATED.value or (row[1], row[2]) != (
+                obs.size, obs.mtime_ns):
+            return None
+        return FileVersion(key, obs.size, obs.mtime_ns, row[3])
 
     def record(self, kind: Kind, version: FileVersion, status: str, *, attempts: int = 0,
                error: str | None = None, request_id: str | None = None) -> None:
@@ -271,20 +277,32 @@ class ProcessedIndex:
     def prune(self) -> int:
         """Forget history nothing reads again; returns the rows deleted.
 
-        Per key only the newest finished row matters (``latest`` and ``finished`` read it),
-        so older finished and superseded rows go; a key whose newest finished row is a
-        removal goes altogether (the object is gone; a file of that name later is a new one,
-        as on S3). Pending rows always stay."""
-        newest = ("SELECT MAX(id) FROM versions AS n WHERE n.scope = versions.scope"
-                  " AND n.key = versions.key AND n.status IN ('done', 'failed', 'skipped')")
-        with self.db:
-            older = self.db.execute(
-                f"DELETE FROM versions WHERE scope=? AND status != 'pending' AND id < ({newest})",
-                (self.scope,)).rowcount
-            removed = self.db.execute(
-                f"DELETE FROM versions WHERE scope=? AND status != 'pending' AND kind='removed'"
-                f" AND id = ({newest})", (self.scope,)).rowcount
-        return older + removed
+        Per key only the newest finished row is read (``latest``, ``finished``), so older
+        finished rows and every superseded row go; a key whose newest finished row is a
+        removal goes altogether (the object is gone; a file of that name later is a new
+        one, as on S3). A key with a pending row keeps everything until it is finished.
+        Runs on its own connection (``asyncio.to_thread`` it: it can take a second on a
+        big index)."""
+        finished = "status IN ('done', 'failed', 'skipped')"
+        busy = "key NOT IN (SELECT key FROM versions WHERE scope=:s AND status='pending')"
+        newest = f"SELECT MAX(id) FROM versions WHERE scope=:s AND {finished} GROUP BY key"
+        db = connect(self.path)
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            with db:
+                superseded = db.execute(
+                    "DELETE FROM versions WHERE scope=:s AND status='superseded'",
+                    {"s": self.scope}).rowcount
+                older = db.execute(
+                    f"DELETE FROM versions WHERE scope=:s AND {finished} AND {busy}"
+                    f" AND id NOT IN ({newest})", {"s": self.scope}).rowcount
+                removed = db.execute(
+                    f"DELETE FROM versions WHERE scope=:s AND {busy} AND key IN (SELECT key"
+                    f" FROM versions WHERE kind='removed' AND id IN ({newest}))",
+                    {"s": self.scope}).rowcount
+        finally:
+            db.close()
+        return superseded + older + removed
 
     def latest(self) -> dict[str, tuple[Kind, FileVersion]]:
         """Per key, the last version handled and whether it was created or removed."""
@@ -355,13 +373,12 @@ class FileTrigger(Trigger):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index.open()
         try:
-            self._prune()
             self._watch()
             self._resume_unfinished()
             snapshot = await asyncio.to_thread(self._scan)
             self._apply_scan(snapshot)
-            if Kind.REMOVED.value in self.config.events:
-                self._removed_while_away(snapshot)
+            self._removed_while_away(snapshot)
+            await self._prune()
         except BaseException:
             await self._shutdown(grace_s=0)
             raise
@@ -488,10 +505,15 @@ class FileTrigger(Trigger):
             self._enqueue(kind, version)
 
     def _removed_while_away(self, snapshot: dict[str, Observation]) -> None:
-        """Objects the index last saw created whose file vanished while we were not running."""
+        """Objects the index last saw created whose file vanished while we were not running:
+        a removed event when configured, else a skipped removal (so prune forgets them)."""
+        report = Kind.REMOVED.value in self.config.events
         for rel, (kind, version) in self.index.latest().items():
             if kind is Kind.CREATED and rel not in snapshot and self.wanted(rel):
-                self._enqueue(Kind.REMOVED, version)
+                if report:
+                    self._enqueue(Kind.REMOVED, version)
+                else:
+                    self.index.record(Kind.REMOVED, version, "skipped")
 
     # ---------------------------------------------------------------- file system events
 
@@ -547,6 +569,8 @@ class FileTrigger(Trigger):
         known = self._known.pop(rel, None)
         if known is not None and Kind.REMOVED.value in self.config.events:
             self._enqueue(Kind.REMOVED, known[1])
+        elif known is not None:
+            self.index.record(Kind.REMOVED, known[1], "skipped")  # lets prune forget it
 
     # ---------------------------------------------------------------- settling
 
@@ -623,13 +647,13 @@ class FileTrigger(Trigger):
                 snapshot = await asyncio.to_thread(self._scan)
                 self._apply_scan(snapshot)
                 if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
-                    self._prune()
+                    await self._prune()
             except Exception as exc:
                 self._internal_error("rescanning the folder", exc)
 
-    def _prune(self) -> None:
+    async def _prune(self) -> None:
         self._pruned_at = time.monotonic()
-        self._counts["pruned"] += self.index.prune()
+        self._counts["pruned"] += await asyncio.to_thread(self.index.prune)
 
     # ---------------------------------------------------------------- invocation
 

@@ -85,6 +85,17 @@ class HttpTriggerConfig(TriggerConfig):
 # ------------------------------------------------------------------------- routing
 
 
+def route_shape(method: str, path: str) -> str:
+    """What the router tells routes apart by: the method and the segments, with parameter
+    names and empty segments dropped (``/items/{id}`` and ``//items/{name}/`` are one)."""
+    shapes = []
+    for segment in (s for s in path.split("/") if s):
+        if segment.startswith("{"):
+            segment = "{+}" if segment.endswith("+}") else "{}"
+        shapes.append(segment)
+    return f"{method} /{'/'.join(shapes)}"
+
+
 @dataclass
 class Route:
     """One trigger's route. ``active`` turns False when its trigger stops (503, not 404)."""
@@ -489,11 +500,13 @@ class HttpTrigger(Trigger):
             assert isinstance(config, HttpTriggerConfig)
             if not config.enabled:
                 continue
-            key = f"{config.method} {config.path}"
-            if key in seen:
-                issues.append((position, f"http route {key!r} is defined twice: an http "
-                                         "trigger above has the same method and path"))
-            seen.add(key)
+            shape = route_shape(config.method, config.path)
+            if shape in seen:
+                issues.append((position, f"http route {config.method} {config.path!r} is "
+                                         "defined twice: an http trigger above matches the "
+                                         "same requests (parameter names and extra slashes "
+                                         "do not make a route different)"))
+            seen.add(shape)
         return issues
 
     def __init__(self, config: TriggerConfig, host: TriggerHost) -> None:

@@ -241,17 +241,18 @@ async def test_two_runtimes_in_one_process_keep_their_own_metrics(
     assert 'flowrun_invocations_total{function="tagged"} 0.0' in theirs.splitlines()
 
 
-async def test_healthz_answers_503_starting_until_every_trigger_has_started(
+async def test_healthz_answers_503_starting_until_every_trigger_has_started_then_stopping(
         tmp_path: Path, functions_dir: Path) -> None:
     port = free_port()
-    gate = tmp_path / "open"
+    gate, stop_gate = tmp_path / "open", tmp_path / "let-stop"
     runtime = Runtime.from_yaml(f"""
 state_dir: state
 api: {{listen: "127.0.0.1:{port}"}}
 functions:
   echo: {{handler: handlers.echo, code: "{functions_dir}"}}
 triggers:
-  - {{type: "gated_trigger:GatedTrigger", function: echo, gate: "{gate}"}}
+  - {{type: "gated_trigger:GatedTrigger", function: echo, gate: "{gate}",
+     stop_gate: "{stop_gate}"}}
 """, tmp_path)
     starting = asyncio.create_task(runtime.start())
     try:
@@ -269,6 +270,14 @@ triggers:
             gate.touch()
             await starting
             assert await healthz() == (200, {"status": "ok"})
+            stopping = asyncio.create_task(runtime.stop())
+            while (answer := await healthz())[0] == 200:
+                await asyncio.sleep(0.02)
+            assert answer == (503, {"status": "stopping"})  # its trigger is still stopping
+            stop_gate.touch()
+            await stopping
     finally:
+        gate.touch()
+        stop_gate.touch()
         await starting
         await runtime.stop()

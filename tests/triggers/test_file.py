@@ -20,7 +20,7 @@ import vega_datasets
 from watchdog.observers.api import BaseObserver
 
 from flowrun.runtime import Runtime
-from triggers.file import FileTrigger, s3_key
+from triggers.file import FileTrigger, FileVersion, Kind, Observation, ProcessedIndex, s3_key
 
 TIMEOUT_S = 30.0
 MakeRuntime = Callable[..., Any]
@@ -291,6 +291,58 @@ async def test_the_index_forgets_history_it_never_reads_again_without_repeating_
     assert (fifth["eventName"], fifth["key"]) == ("ObjectCreated:Put", "gone.csv")
     await wait_until_idle(second)
     assert len(lines(log)) == 5
+
+
+def an_index(tmp_path: Path) -> ProcessedIndex:
+    index = ProcessedIndex(tmp_path / "files.db", "inbox")
+    index.open()
+    return index
+
+
+def test_prune_keeps_a_key_with_a_pending_row_so_a_removal_is_not_reported_twice(
+        tmp_path: Path) -> None:
+    index = an_index(tmp_path)
+    moved = FileVersion("moved.csv", 3, 1000, "e1")
+    index.record(Kind.CREATED, moved, "pending")  # the handler moves its input away...
+    index.record(Kind.REMOVED, moved, "done")  # ...and the removal finishes first
+    assert index.prune() == 0
+    index.record(Kind.CREATED, moved, "done")
+    assert index.latest()["moved.csv"][0] is Kind.REMOVED  # gone: nothing to report again
+    assert index.prune() == 2
+    assert index.latest() == {}
+    index.close()
+
+
+def test_an_older_version_put_back_is_a_new_object_before_and_after_a_prune(
+        tmp_path: Path) -> None:
+    index = an_index(tmp_path)
+    v1, v2 = FileVersion("f.csv", 3, 1000, "e1"), FileVersion("f.csv", 5, 2000, "e2")
+    index.record(Kind.CREATED, v1, "done")
+    index.record(Kind.CREATED, v2, "done")
+    index.record(Kind.CREATED, FileVersion("f.csv", 4, 1500, "e3"), "superseded")
+    for _ in range(2):
+        assert index.finished("f.csv", Observation(3, 1000, 1)) is None  # v1 restored: new
+        assert index.finished("f.csv", Observation(5, 2000, 1)) == v2
+        assert index.prune() in (0, 2)  # v1's row and the superseded one, the first time
+    assert index.prune() == 0
+    index.close()
+
+
+async def test_with_created_events_only_a_file_that_went_away_is_forgotten_by_the_index(
+        make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    inbox = tmp_path / "inbox"
+    first = await make_runtime(config_yaml(log))
+    (inbox / "consumed.csv").write_text("1\n")
+    (inbox / "stays.csv").write_text("2\n")
+    await wait_for_lines(log, 2)
+    await wait_until_idle(first)
+    (inbox / "consumed.csv").unlink()
+    await first.stop()
+    second = await make_runtime(config_yaml(log))
+    await wait_until_idle(second)
+    assert [key for key, _, _ in index_rows(tmp_path)] == ["stays.csv"]
+    assert len(lines(log)) == 2
 
 
 async def test_a_file_whose_invocation_was_cut_short_by_a_stop_is_invoked_after_restart(

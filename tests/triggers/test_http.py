@@ -281,12 +281,25 @@ def test_two_http_triggers_on_one_route_are_a_config_error_at_the_second(tmp_pat
         "triggers:\n"
         "  - {type: http, function: f, method: get, path: '/items/{id}'}\n"
         "  - {type: cron, function: g, schedule: rate(5 minutes)}\n"
-        "  - {type: http, function: g, method: GET, path: '/items/{id}'}\n"
+        "  - {type: http, function: g, method: GET, path: '//items/{name}/'}\n"
         "  - {type: http, function: g, method: POST, path: '/items/{id}'}\n"
         "  - {type: http, function: g, method: GET, path: '/items/{id}', enabled: false}\n"
     )
     with pytest.raises(ConfigError) as caught:
         config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
     message = str(caught.value)
-    assert "flowrun.yaml:7: triggers[2]: http route 'GET /items/{id}' is defined twice" in message
+    assert "flowrun.yaml:7: triggers[2]: http route GET '//items/{name}/' is defined twice" in message
     assert message.count("defined twice") == 1  # POST is another route; a disabled one is none
+
+
+def test_an_http_trigger_named_by_its_class_shares_the_route_check(tmp_path: Path) -> None:
+    text = (
+        "functions:\n"
+        "  f: {handler: m.f}\n"
+        "triggers:\n"
+        "  - {type: http, function: f, path: /a}\n"
+        "  - {type: 'triggers.http:HttpTrigger', function: f, path: /a}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
+    assert "flowrun.yaml:5: triggers[1]: http route ANY '/a' is defined twice" in str(caught.value)
