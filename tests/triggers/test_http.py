@@ -258,48 +258,34 @@ async def test_in_flight_requests_finish_while_the_runtime_stops_and_stopped_rou
     assert (answer.status, answer.json()) == (200, {"slept": True})
 
 
-def test_a_route_path_that_is_not_a_path_is_a_config_error_with_its_line(tmp_path: Path) -> None:
-    text = (
-        "functions:\n"
-        "  f: {handler: m.f}\n"
-        "triggers:\n"
-        "  - type: http\n"
-        "    function: f\n"
-        "    path: no-slash\n"
-    )
+def config_error(tmp_path: Path, functions: str, *triggers: str) -> str:
+    """The ConfigError text for a config of ``functions`` (one line each) and ``triggers``."""
+    text = "functions:\n" + "".join(f"  {line}\n" for line in functions.split("; "))
+    text += "triggers:\n" + "".join(f"  - {line}\n" for line in triggers)
     with pytest.raises(ConfigError) as caught:
         config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
-    assert "flowrun.yaml:6: triggers[0].path" in str(caught.value)
-    assert "starting with '/'" in str(caught.value)
+    return str(caught.value)
+
+
+def test_a_route_path_that_is_not_a_path_is_a_config_error_with_its_line(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "f: {handler: m.f}", "{type: http, function: f, path: no-slash}")
+    assert "flowrun.yaml:4: triggers[0].path" in message
+    assert "starting with '/'" in message
 
 
 def test_two_http_triggers_on_one_route_are_a_config_error_at_the_second(tmp_path: Path) -> None:
-    text = (
-        "functions:\n"
-        "  f: {handler: m.f}\n"
-        "  g: {handler: m.g}\n"
-        "triggers:\n"
-        "  - {type: http, function: f, method: get, path: '/items/{id}'}\n"
-        "  - {type: cron, function: g, schedule: rate(5 minutes)}\n"
-        "  - {type: http, function: g, method: GET, path: '//items/{name}/'}\n"
-        "  - {type: http, function: g, method: POST, path: '/items/{id}'}\n"
-        "  - {type: http, function: g, method: GET, path: '/items/{id}', enabled: false}\n"
-    )
-    with pytest.raises(ConfigError) as caught:
-        config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
-    message = str(caught.value)
+    message = config_error(
+        tmp_path, "f: {handler: m.f}; g: {handler: m.g}",
+        "{type: http, function: f, method: get, path: '/items/{id}'}",
+        "{type: cron, function: g, schedule: rate(5 minutes)}",
+        "{type: http, function: g, method: GET, path: '//items/{name}/'}",
+        "{type: http, function: g, method: POST, path: '/items/{id}'}",
+        "{type: http, function: g, method: GET, path: '/items/{id}', enabled: false}")
     assert "flowrun.yaml:7: triggers[2]: http route GET '//items/{name}/' is defined twice" in message
     assert message.count("defined twice") == 1  # POST is another route; a disabled one is none
 
 
 def test_an_http_trigger_named_by_its_class_shares_the_route_check(tmp_path: Path) -> None:
-    text = (
-        "functions:\n"
-        "  f: {handler: m.f}\n"
-        "triggers:\n"
-        "  - {type: http, function: f, path: /a}\n"
-        "  - {type: 'triggers.http:HttpTrigger', function: f, path: /a}\n"
-    )
-    with pytest.raises(ConfigError) as caught:
-        config_module.parse(text, "flowrun.yaml", environ={}, base_dir=tmp_path)
-    assert "flowrun.yaml:5: triggers[1]: http route ANY '/a' is defined twice" in str(caught.value)
+    message = config_error(tmp_path, "f: {handler: m.f}", "{type: http, function: f, path: /a}",
+                           "{type: 'triggers.http:HttpTrigger', function: f, path: /a}")
+    assert "flowrun.yaml:5: triggers[1]: http route ANY '/a' is defined twice" in message
