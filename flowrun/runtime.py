@@ -260,12 +260,22 @@ class Runtime:
         try:
             await self.start()
             await self._stopping.wait()
-            log.info("stopping: waiting up to %.0f s for in-flight invocations",
-                     self.config.shutdown_grace_s)
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: do not wait
+                loop.add_signal_handler(sig, self._stop_now)
+            log.info("stopping: waiting up to %.0f s for in-flight invocations "
+                     "(signal again to stop now)", self.config.shutdown_grace_s)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def _stop_now(self) -> None:
+        """A second SIGTERM/SIGINT during the grace period: kill the workers, so that the
+        invocations in flight end now (as Runtime.ExitError) and the stop goes on."""
+        log.warning("second signal: stopping now; invocations in flight are cut short")
+        self.pool.kill_all()
 
     # ---------------------------------------------------------------- invocation
 

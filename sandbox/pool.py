@@ -505,6 +505,12 @@ class WorkerPool:
             for pool in list(self.pools.values()):
                 await pool.reap_idle()
 
+    def kill_all(self) -> None:
+        """SIGKILL every worker of every function now (their requests end as deaths)."""
+        for pool in self.pools.values():
+            for worker in [*pool.busy, *pool.idle]:
+                worker.kill()
+
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()

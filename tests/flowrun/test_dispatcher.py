@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -143,30 +144,42 @@ async def test_stop_does_not_wait_past_the_grace_for_a_stuck_invocation(
     assert isinstance(outcome, BaseException) or outcome.status != "success"
 
 
-def test_sigterm_to_flowrun_run_lets_an_in_flight_invocation_finish(
-        tmp_path: Path, functions_dir: Path) -> None:
+def sleepy_daemon(tmp_path: Path, functions_dir: Path, grace_s: float) -> Daemon:
     api = f"127.0.0.1:{free_port()}"
     config = tmp_path / "flowrun.yaml"
     config.write_text(f"""
 state_dir: state
 api: {{listen: "{api}"}}
-shutdown_grace_s: 30
+shutdown_grace_s: {grace_s}
 functions:
-  sleepy: {{handler: lifecycle_handlers.sleep_then_pid, code: "{functions_dir}", timeout_s: 30}}
+  sleepy: {{handler: lifecycle_handlers.sleep_then_pid, code: "{functions_dir}",
+            timeout_s: {grace_s}}}
 """)
-    daemon = Daemon.start(config, api)
+    return Daemon.start(config, api)
+
+
+def invoke_in_background(daemon: Daemon, seconds: float) -> tuple[threading.Thread,
+                                                                   dict[str, Any], list[int]]:
+    """Start a blocking invoke of ``sleepy`` in a thread; returns once it runs in a worker."""
+    answer: dict[str, Any] = {}
+
+    def invoke() -> None:
+        answer["status"], answer["body"] = daemon.invoke("sleepy", {"seconds": seconds})
+
+    caller = threading.Thread(target=invoke)
+    caller.start()
+    wait_until(lambda: daemon.status()["functions"]["sleepy"]["busy"] == 1, 30,
+               "the invocation to start")
+    workers = children_of(daemon.process.pid)
+    assert workers
+    return caller, answer, workers
+
+
+def test_sigterm_to_flowrun_run_lets_an_in_flight_invocation_finish(
+        tmp_path: Path, functions_dir: Path) -> None:
+    daemon = sleepy_daemon(tmp_path, functions_dir, grace_s=30)
     try:
-        answer: dict[str, Any] = {}
-
-        def invoke() -> None:
-            answer["status"], answer["body"] = daemon.invoke("sleepy", {"seconds": 1.5})
-
-        caller = threading.Thread(target=invoke)
-        caller.start()
-        wait_until(lambda: daemon.status()["functions"]["sleepy"]["busy"] == 1, 30,
-                   "the invocation to start")
-        workers = children_of(daemon.process.pid)
-        assert workers
+        caller, answer, workers = invoke_in_background(daemon, 1.5)
         code = daemon.stop()
         caller.join(30)
         assert not caller.is_alive()
@@ -179,6 +192,25 @@ functions:
     wait_until(lambda: not any(is_alive(pid) for pid in workers), 10, "the workers to exit")
 
 
+def test_a_second_sigterm_during_the_grace_period_stops_flowrun_run_now(
+        tmp_path: Path, functions_dir: Path) -> None:
+    daemon = sleepy_daemon(tmp_path, functions_dir, grace_s=600)
+    try:
+        caller, answer, workers = invoke_in_background(daemon, 300)
+        daemon.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "signal again to stop now" in daemon.output(), 30,
+                   "the daemon to start its grace period")
+        code = daemon.stop(timeout_s=120)  # the second SIGTERM; the grace would be 600 s
+        caller.join(30)
+        assert not caller.is_alive()
+    finally:
+        daemon.kill()
+    output = daemon.output()
+    assert code == 0, output
+    assert "second signal: stopping now" in output and "Traceback" not in output
+    assert output.rstrip().endswith("flowrun: stopped")
+    assert answer["body"]["errorType"] == "Runtime.ExitError"  # cut short, and said so
+    wait_until(lambda: not any(is_alive(pid) for pid in workers), 10, "the workers to exit")
 async def _until(predicate: Any, timeout_s: float = 30) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
