@@ -89,11 +89,18 @@ def expected(partitions: int, total: int) -> set[tuple[int, int]]:
 # --------------------------------------------------------------------------- config
 
 
-def test_max_poll_interval_shorter_than_the_function_timeout_is_a_config_error(
-        make_config: Callable[[str], Path]) -> None:
+def config_error(make_config: Callable[[str], Path], text: str) -> str:
+    """The ConfigError text of loading ``text`` as a config."""
     from flowrun import config as config_module
 
-    path = make_config("""
+    with pytest.raises(ConfigError) as info:
+        config_module.load(make_config(text))
+    return str(info.value)
+
+
+def test_max_poll_interval_shorter_than_the_function_timeout_is_a_config_error(
+        make_config: Callable[[str], Path]) -> None:
+    message = config_error(make_config, """
     functions:
       slow:
         handler: kafka_handlers.record_offsets
@@ -105,18 +112,13 @@ def test_max_poll_interval_shorter_than_the_function_timeout_is_a_config_error(
         topics: [t]
         max_poll_interval_ms: 30000
     """)
-    with pytest.raises(ConfigError) as info:
-        config_module.load(path)
-    message = str(info.value)
     assert "triggers[0]" in message and "max_poll_interval_ms (30000)" in message
     assert "60000 ms" in message
 
 
 def test_a_batch_size_over_ten_thousand_is_a_config_error(
         make_config: Callable[[str], Path]) -> None:
-    from flowrun import config as config_module
-
-    path = make_config("""
+    message = config_error(make_config, """
     functions:
       f:
         handler: kafka_handlers.record_offsets
@@ -126,9 +128,7 @@ def test_a_batch_size_over_ten_thousand_is_a_config_error(
         bootstrap_servers: 127.0.0.1:9092
         batch_size: 20000
     """)
-    with pytest.raises(ConfigError) as info:
-        config_module.load(path)
-    assert "batch_size" in str(info.value) and "10000" in str(info.value)
+    assert "batch_size" in message and "10000" in message
 
 
 # The event as data, built the plain way: the oracle for the text written directly.
@@ -183,9 +183,7 @@ def test_the_event_text_written_directly_equals_the_event_as_data() -> None:
 
 def test_cross_key_problems_are_reported_in_words_with_the_trigger_line(
         make_config: Callable[[str], Path]) -> None:
-    from flowrun import config as config_module
-
-    path = make_config("""
+    message = config_error(make_config, """
     functions:
       f:
         handler: kafka_handlers.record_offsets
@@ -201,9 +199,7 @@ def test_cross_key_problems_are_reported_in_words_with_the_trigger_line(
         topics: [a]
         security_protocol: SASL_SSL
     """)
-    with pytest.raises(ConfigError) as info:
-        config_module.load(path)
-    lines = str(info.value).splitlines()
+    lines = message.splitlines()
     assert lines[0].endswith(":6: triggers[0]: give exactly one of topics (a list) or "
                              "topic_pattern (a regex)")
     assert lines[1].endswith(":11: triggers[1]: security_protocol SASL_SSL needs sasl_mechanism")
