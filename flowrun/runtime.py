@@ -107,10 +107,9 @@ class Runtime:
         self.started_at = 0.0
         self._shared: dict[str, Any] = {}
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
-        self._stopping: asyncio.Event | None = None
+        self._stop_requested: asyncio.Event | None = None
         self._started = False
-        self.ready = False
-        self.stopping = True  # True once start() has started every trigger (GET /healthz)
+        self.ready = False  # True once start() has started every trigger (GET /healthz)
         self.api: Any = None
         self.async_queue: Any = None
         self.destinations = Destinations(self)
@@ -157,7 +156,6 @@ class Runtime:
         if self._started:
             return
         self._started = True
-        self.stopping = False
         self.dispatcher.accepting = True
         self.started_at = time.time()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +211,6 @@ class Runtime:
             return
         self._started = False
         self.ready = False
-        self.stopping = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         for trigger in reversed(self.triggers):
             try:
@@ -247,19 +244,24 @@ class Runtime:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
+    @property
+    def stopping(self) -> bool:
+        """True from the first moment of stop() (and before start())."""
+        return not self._started
+
     def request_stop(self) -> None:
-        if self._stopping is not None:
-            self._stopping.set()
+        if self._stop_requested is not None:
+            self._stop_requested.set()
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully (what ``flowrun run`` does)."""
         loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop_requested.set)
         try:
             await self.start()
-            await self._stopping.wait()
+            await self._stop_requested.wait()
             for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: do not wait
                 loop.add_signal_handler(sig, self._stop_now)
             log.info("stopping: waiting up to %.0f s for in-flight invocations "

@@ -354,13 +354,11 @@ class WorkerProcess:
         if reply is None:
             return self._failure(request_id, timeout_s, (time.perf_counter() - started) * 1000)
         memory_mb = -(-reply.get("max_memory_kb", 0) // 1024)
-        if reply["ok"]:
-            return RawResult("success", reply.get("payload", "null"), None, reply["logs"],
-                             reply["duration_ms"], None, memory_mb, reply["cpu_user_ms"],
-                             reply["cpu_system_ms"])
-        return RawResult("error", "null", reply.get("error"), reply["logs"],
-                         reply["duration_ms"], None, memory_mb, reply["cpu_user_ms"],
-                         reply["cpu_system_ms"])
+        ok = reply["ok"]
+        return RawResult("success" if ok else "error",
+                         reply.get("payload", "null") if ok else "null",
+                         None if ok else reply.get("error"), reply["logs"], reply["duration_ms"],
+                         None, memory_mb, reply["cpu_user_ms"], reply["cpu_system_ms"])
 
     def _failure(self, request_id: str, timeout_s: float, elapsed_ms: float) -> RawResult:
         if self.timed_out and not self.placement.oom_killed():

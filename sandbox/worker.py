@@ -189,7 +189,7 @@ class Worker:
         self.handler: Callable[[Any, Any], Any] | None = None
         self.init_error: dict[str, Any] | None = None
         self.memory = memory or RssPeak()
-        self.context = context_attributes(dict(os.environ))
+        self.context_attributes = context_attributes(dict(os.environ))
         self.spin_s = 0.0
 
     def init(self, handler_spec: str, code_dir: str) -> float:
@@ -237,7 +237,8 @@ class Worker:
                 assert self.handler is not None
                 text = frame["event"]
                 event = None if text == "null" else json.loads(text)  # json: ~2 µs for "null"
-                context = LambdaContext(self.request_id, frame["deadline_ms"], self.context)
+                context = LambdaContext(self.request_id, frame["deadline_ms"],
+                                        self.context_attributes)
                 value = self.handler(event, context)
                 try:
                     result["payload"] = "null" if value is None else json.dumps(value)
